@@ -30,6 +30,11 @@ class ServerConfig(_Model):
     drain_timeout_s: float = Field(15.0, ge=0)
     #: requests served at once; beyond it the proxy answers 503 + Retry-After
     max_in_flight: int = Field(1024, gt=0)
+    #: a client that takes longer than this to send its body gets 408
+    body_timeout_s: float = Field(30.0, gt=0)
+    #: environment variable with the admin token for /admin/*; without one, admin calls are
+    #: accepted from loopback addresses only
+    admin_token_env: str | None = "SEMCACHE_ADMIN_TOKEN"
     #: use uvloop's event loop when it is installed
     uvloop: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -86,7 +91,7 @@ class CacheConfig(_Model):
     enabled: bool = True
     semantic: bool = True
     #: cosine similarity a semantic hit needs (see docs/quality.md for how it was chosen)
-    threshold: Fraction = 0.95
+    threshold: Fraction = 0.97
     #: per-model overrides (fnmatch patterns), first match wins
     model_thresholds: dict[str, Fraction] = Field(default_factory=dict)
     #: per-route overrides ("chat" or "completions")
@@ -154,6 +159,7 @@ class Secrets(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     backend_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    admin_token: SecretStr | None = None
 
 
 class ConfigError(Exception):
@@ -186,4 +192,6 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
     for backend in config.backends:
         if backend.api_key_env and environ.get(backend.api_key_env):
             keys[backend.name] = SecretStr(environ[backend.api_key_env])
-    return Secrets(backend_keys=keys)
+    admin = config.server.admin_token_env
+    token = SecretStr(environ[admin]) if admin and environ.get(admin) else None
+    return Secrets(backend_keys=keys, admin_token=token)

@@ -1,0 +1,35 @@
+"""Typed keys for what the composition root puts on the aiohttp application."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .cache import SemanticCache
+from .config import Config, Secrets
+from .pipeline import Pipeline, Policy
+
+
+@dataclass(slots=True)
+class State:
+    """Mutable runtime state shared by handlers: readiness and the reloadable policy."""
+
+    config: Config
+    policy: Policy
+    ready: bool = False
+    draining: bool = False
+    in_flight: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+CONFIG = web.AppKey("config", Config)
+SECRETS = web.AppKey("secrets", Secrets)
+STATE = web.AppKey("state", State)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+CACHE: web.AppKey[SemanticCache | None] = web.AppKey("cache")
+TENANT_SECRET = web.AppKey("tenant_secret", bytes)
+METRICS_TEXT: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics_text")
+#: how the request was answered (exact | semantic | miss | bypass | error | ...), for metrics
+RESULT = web.RequestKey("result", str)
