@@ -108,7 +108,6 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
         cache = SemanticCache(store=store, index=index, embedder=embedder, clock=clock, metrics=metrics,
                               settings=CacheSettings(
                                   ttl_s=config.cache.ttl_s, top_k=config.cache.top_k,
-                                  max_tokens=config.embedding.max_tokens,
                                   max_entry_bytes=config.cache.max_entry_bytes,
                                   store_finish_reasons=frozenset(config.cache.store_finish_reasons),
                                   lookup_timeout_s=config.cache.lookup_timeout_s))

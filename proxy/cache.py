@@ -41,7 +41,6 @@ Lookup = Hit | Miss
 class CacheSettings:
     ttl_s: float
     top_k: int
-    max_tokens: int
     max_entry_bytes: int
     store_finish_reasons: frozenset[str]
     lookup_timeout_s: float
@@ -77,7 +76,7 @@ class SemanticCache:
         if plan.text is None or self._embedder is None:
             return Miss(vector=None, best=None)
         embedding = await self._embedder.embed([plan.text])
-        if embedding.tokens[0] > self._settings.max_tokens:
+        if embedding.tokens[0] > self._embedder.max_tokens:
             # the model would compare a truncated prompt: two long prompts that differ only
             # after the window would look identical
             return Miss(vector=None, best=None, reason="too_long")
@@ -113,8 +112,11 @@ class SemanticCache:
         return None
 
     async def store(self, plan: Plan, *, model: str, route: str, response: Mapping[str, Any],
-                    vector: Vector | None) -> str:
-        """Store a complete answer if the write gate admits it; returns the outcome label."""
+                    vector: Vector | None, embed: bool = True) -> str:
+        """Store a complete answer if the write gate admits it; returns the outcome label.
+
+        Without a vector from the lookup the text is embedded here, unless ``embed`` is False
+        (the lookup already found it too long to compare)."""
         refused = self.admissible(response)
         if refused is not None:
             return refused
@@ -122,9 +124,9 @@ class SemanticCache:
             size = len(orjson.dumps(response))
             if size > self._settings.max_entry_bytes:
                 return "too_large"
-            if plan.text is not None and vector is None and self._embedder is not None:
+            if embed and plan.text is not None and vector is None and self._embedder is not None:
                 embedding = await self._embedder.embed([plan.text])
-                if embedding.tokens[0] <= self._settings.max_tokens:
+                if embedding.tokens[0] <= self._embedder.max_tokens:
                     vector = embedding.vectors[0]
             now = self._clock.time()
             entry = Entry(key=plan.key, scope=plan.scope, model=model, route=route,

@@ -48,6 +48,15 @@ class ApiRequest:
     started: float                  # monotonic
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a fresh answer goes once the write gate admits it."""
+
+    plan: Plan
+    vector: Vector | None     # computed by the lookup, reused for the store
+    embed: bool               # False when the lookup found the text too long to embed
+
+
 @dataclass(slots=True)
 class Reply:
     status: int
@@ -78,12 +87,13 @@ class Pipeline:
         if self._cache is None or not policy.cache.enabled:
             self._metrics.bypass("disabled")
             self._metrics.lookup("bypass")
-            return await self._forward(req, None, None, "bypass")
+            return await self._forward(req, None, "bypass")
         the_plan = plan(req.body, tenant=req.tenant, route=req.route, directives=req.directives,
                         rules=policy.rules)
         if the_plan.bypass is not None:
             self._metrics.bypass(the_plan.bypass)
         vector: Vector | None = None
+        embed = True
         if the_plan.lookup:
             threshold = effective_threshold(policy.cache.threshold_for(model, req.route), req.directives)
             found = await self._cache.lookup(the_plan, threshold)
@@ -98,10 +108,12 @@ class Pipeline:
             if found.best is not None:
                 self._metrics.similarity(found.best, False)
             vector = found.vector
+            embed = found.reason != "too_long"
         else:
             self._metrics.lookup("bypass")
         label = "miss" if the_plan.lookup else "bypass"
-        return await self._forward(req, the_plan if the_plan.store else None, vector, label)
+        target = _Target(the_plan, vector, embed) if the_plan.store else None
+        return await self._forward(req, target, label)
 
     # -- hits -------------------------------------------------------------------------------
 
@@ -138,8 +150,7 @@ class Pipeline:
 
     # -- misses -----------------------------------------------------------------------------
 
-    async def _forward(self, req: ApiRequest, store_plan: Plan | None, vector: Vector | None,
-                       label: str) -> Reply:
+    async def _forward(self, req: ApiRequest, target: _Target | None, label: str) -> Reply:
         model = str(req.body["model"])
         backend = self._route_backend(model)
         stream = bool(req.body.get("stream"))
@@ -157,13 +168,13 @@ class Pipeline:
         headers = dict(resp.headers)
         headers["x-semcache"] = label
         if resp.chunks is None:
-            return self._fresh_json(req, resp, headers, store_plan, vector, label)
+            return self._fresh_json(req, resp, headers, target, label)
         headers.update(SSE_HEADERS)
         return Reply(resp.status, headers, result=label,
-                     stream=self._relay(req, resp, store_plan, vector, hide_usage, backend.name))
+                     stream=self._relay(req, resp, target, hide_usage, backend.name))
 
     def _fresh_json(self, req: ApiRequest, resp: UpstreamResponse, headers: dict[str, str],
-                    store_plan: Plan | None, vector: Vector | None, label: str) -> Reply:
+                    target: _Target | None, label: str) -> Reply:
         if resp.status != 200:
             return Reply(resp.status, headers, body=resp.body, result="error")
         try:
@@ -173,12 +184,12 @@ class Pipeline:
         usage = answer.get("usage") if isinstance(answer, dict) else None
         tokens = usage if isinstance(usage, Mapping) else {}
         self._metrics.tokens(tokens, "backend")
-        if store_plan is not None and isinstance(answer, dict):
-            self._store_later(req, store_plan, answer, vector)
+        if target is not None and isinstance(answer, dict):
+            self._store_later(req, target, answer)
         return Reply(200, headers, body=resp.body, result=label, tokens=tokens)
 
-    async def _relay(self, req: ApiRequest, resp: UpstreamResponse, store_plan: Plan | None,
-                     vector: Vector | None, hide_usage: bool, backend: str) -> AsyncGenerator[bytes, None]:
+    async def _relay(self, req: ApiRequest, resp: UpstreamResponse, target: _Target | None,
+                     hide_usage: bool, backend: str) -> AsyncGenerator[bytes, None]:
         """Forward events as they arrive; store the answer only if the stream ends cleanly."""
         parser = streaming.SSEParser()
         acc: streaming.ChatAccumulator | streaming.CompletionAccumulator = (
@@ -220,18 +231,17 @@ class Pipeline:
         answer = acc.result()
         usage = answer.get("usage")
         self._metrics.tokens(usage if isinstance(usage, Mapping) else {}, "backend")
-        if store_plan is not None:
-            self._store_later(req, store_plan, answer, vector)
+        if target is not None:
+            self._store_later(req, target, answer)
 
-    def _store_later(self, req: ApiRequest, store_plan: Plan, answer: dict[str, Any],
-                     vector: Vector | None) -> None:
+    def _store_later(self, req: ApiRequest, target: _Target, answer: dict[str, Any]) -> None:
         cache = self._cache
         if cache is None:
             return
 
         async def store() -> None:
-            outcome = await cache.store(store_plan, model=str(req.body["model"]), route=req.route,
-                                        response=answer, vector=vector)
+            outcome = await cache.store(target.plan, model=str(req.body["model"]), route=req.route,
+                                        response=answer, vector=target.vector, embed=target.embed)
             self._metrics.stored(outcome)
 
         self._tasks.spawn(store(), name="cache-store")

@@ -50,6 +50,11 @@ class Embedder(Protocol):
     @property
     def dim(self) -> int: ...
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest text (in tokens) embedded without truncation."""
+        ...
+
     async def embed(self, texts: Sequence[str]) -> Embedding:
         """Embed texts off the event loop; concurrent callers share model calls."""
         ...
