@@ -213,4 +213,6 @@ def run(config_path: str, environ: Mapping[str, str] | None = None) -> None:
     app = build_app(config, environ=environ, config_path=config_path)
     web.run_app(app, host=config.server.host, port=config.server.port,
                 shutdown_timeout=config.server.drain_timeout_s, access_log=None,
+                # a client that hangs up cancels its handler, so a flight nobody waits for stops
+                handler_cancellation=True,
                 print=lambda msg: log.info("%s", msg.strip()))

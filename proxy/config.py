@@ -90,6 +90,8 @@ class EmbeddingConfig(_Model):
 class CacheConfig(_Model):
     enabled: bool = True
     semantic: bool = True
+    #: a miss within threshold of an in-flight request in the same scope waits for its answer
+    coalesce: bool = True
     #: cosine similarity a semantic hit needs (see docs/quality.md for how it was chosen)
     threshold: Fraction = 0.97
     #: per-model overrides (fnmatch patterns), first match wins

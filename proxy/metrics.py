@@ -47,6 +47,9 @@ class PrometheusMetrics:
         self._bytes = Gauge(p + "cache_bytes", "Bytes held by the cache", registry=registry)
         self._stored = Counter(p + "cache_store_total", "Answers offered to the cache by outcome",
                                ["outcome"], registry=registry)
+        self._coalesced = Counter(p + "coalesced_requests_total",
+                                  "Misses that shared an in-flight backend call", ["kind"],
+                                  registry=registry)
         self._backend = Histogram(p + "backend_request_duration_seconds", "Backend time to headers",
                                   ["backend", "status_class"], buckets=LATENCY_BUCKETS, registry=registry)
         self._backend_errors = Counter(p + "backend_errors_total", "Backend calls that got no answer",
@@ -87,6 +90,9 @@ class PrometheusMetrics:
     def cache_size(self, entries: int, size_bytes: int) -> None:
         self._entries.set(entries)
         self._bytes.set(size_bytes)
+
+    def coalesced(self, kind: str) -> None:
+        self._coalesced.labels(kind).inc()
 
     def stored(self, outcome: str) -> None:
         self._stored.labels(outcome).inc()

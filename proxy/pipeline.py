@@ -17,7 +17,8 @@ from . import streaming
 from .cache import Hit, SemanticCache
 from .cachekey import Directives, Plan, Rules, effective_threshold, plan
 from .config import CacheConfig
-from .errors import ProxyError
+from .errors import BackendFailure, ProxyError
+from .flight import Event, Flight, FlightTable, Outcome
 from .ports import Backend, Clock, Metrics, UpstreamRequest, UpstreamResponse, Vector
 from .tasks import TaskTracker
 
@@ -50,11 +51,13 @@ class ApiRequest:
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """Where a fresh answer goes once the write gate admits it."""
+    """A cacheable miss: where its answer goes, and what may share its backend call."""
 
     plan: Plan
-    vector: Vector | None     # computed by the lookup, reused for the store
+    vector: Vector | None     # computed by the lookup, reused for the store and for coalescing
     embed: bool               # False when the lookup found the text too long to embed
+    threshold: float = 1.0    # similarity a concurrent request needs to share this call
+    coalesce: bool = False    # semantic coalescing allowed
 
 
 @dataclass(slots=True)
@@ -77,6 +80,7 @@ class Pipeline:
         self._clock = clock
         self._policy = policy
         self._tasks = tasks
+        self._flights = FlightTable(spawn=lambda work: tasks.spawn(work, name="flight"))
 
     def backend_for(self, model: str | None) -> Backend:
         return self._route_backend(model or "")
@@ -94,8 +98,8 @@ class Pipeline:
             self._metrics.bypass(the_plan.bypass)
         vector: Vector | None = None
         embed = True
+        threshold = effective_threshold(policy.cache.threshold_for(model, req.route), req.directives)
         if the_plan.lookup:
-            threshold = effective_threshold(policy.cache.threshold_for(model, req.route), req.directives)
             found = await self._cache.lookup(the_plan, threshold)
             if isinstance(found, Hit):
                 self._metrics.lookup(found.kind)
@@ -112,7 +116,8 @@ class Pipeline:
         else:
             self._metrics.lookup("bypass")
         label = "miss" if the_plan.lookup else "bypass"
-        target = _Target(the_plan, vector, embed) if the_plan.store else None
+        target = (_Target(the_plan, vector, embed, threshold, policy.cache.coalesce and the_plan.lookup)
+                  if the_plan.store else None)
         return await self._forward(req, target, label)
 
     # -- hits -------------------------------------------------------------------------------
@@ -131,9 +136,8 @@ class Pipeline:
         if not req.body.get("stream"):
             headers["content-type"] = JSON_TYPE
             return Reply(200, headers, body=orjson.dumps(response), result=hit.kind, tokens=tokens)
-        include_usage = bool((req.body.get("stream_options") or {}).get("include_usage"))
         headers.update(SSE_HEADERS)
-        return Reply(200, headers, stream=self._replay_events(req, response, include_usage),
+        return Reply(200, headers, stream=self._replay_events(req, response, _wants_usage(req.body)),
                      result=hit.kind, tokens=tokens)
 
     async def _replay_events(self, req: ApiRequest, response: dict[str, Any],
@@ -151,111 +155,186 @@ class Pipeline:
     # -- misses -----------------------------------------------------------------------------
 
     async def _forward(self, req: ApiRequest, target: _Target | None, label: str) -> Reply:
-        model = str(req.body["model"])
-        backend = self._route_backend(model)
+        """Join a flight already answering this question, or start one, and follow it."""
+        flight: Flight | None = None
+        if target is not None:
+            flight = self._flights.find(target.plan.key)
+            if flight is not None:
+                self._metrics.coalesced("exact")
+            elif target.vector is not None and target.coalesce:
+                found = self._flights.find_similar(target.plan.scope, target.vector, target.threshold)
+                if found is not None:
+                    flight = found[0]
+                    self._metrics.coalesced("semantic")
+        if flight is not None:
+            label = "coalesced"
+        else:
+            flight = self._start_flight(req, target)
+        flight.subscribe()
+        try:
+            return await self._follow(req, flight, label)
+        except BaseException:
+            flight.unsubscribe()
+            raise
+
+    def _start_flight(self, req: ApiRequest, target: _Target | None) -> Flight:
         stream = bool(req.body.get("stream"))
-        body, hide_usage = _ask_for_usage(req.body, req.raw) if stream else (req.raw, False)
+        key = target.plan.key if target is not None else secrets.token_hex(16)
+        flight = Flight(key=key, scope=target.plan.scope if target else None,
+                        vector=target.vector if target else None, streaming=stream)
+        backend = self._route_backend(str(req.body["model"]))
+        return self._flights.start(flight, self._fly(flight, req, backend, target),
+                                   shared=target is not None)
+
+    async def _follow(self, req: ApiRequest, flight: Flight, label: str) -> Reply:
+        """Turn the flight into this request's reply; the caller unsubscribes on failure, the
+        reply (or its stream) unsubscribes once delivered."""
+        wants_stream = bool(req.body.get("stream"))
+        follower = label == "coalesced"
+        if wants_stream and flight.streaming:
+            status, headers = await flight.wait_head()
+            if status == 200:
+                out = {**headers, **SSE_HEADERS, "x-semcache": label}
+                return Reply(200, out, result=label,
+                             stream=self._stream_flight(req, flight, _wants_usage(req.body), label))
+        outcome = await flight.wait_outcome()
+        flight.unsubscribe()
+        if outcome.error is not None:
+            raise outcome.error
+        headers = {**outcome.headers, "x-semcache": label}
+        if outcome.answer is None or outcome.status != 200:
+            return Reply(outcome.status, headers, body=outcome.body, result="error")
+        usage = outcome.answer.get("usage")
+        tokens = usage if isinstance(usage, Mapping) else {}
+        if follower:
+            self._metrics.tokens(tokens, "coalesced")
+        if wants_stream:
+            answer = self._fresh(req, outcome.answer)
+            return Reply(200, {**headers, **SSE_HEADERS}, result=label, tokens=tokens,
+                         stream=self._replay_events(req, answer, _wants_usage(req.body)))
+        headers["content-type"] = JSON_TYPE
+        # the first subscriber gets the upstream's bytes as they were; followers a fresh id
+        body = (outcome.body if outcome.body and not follower
+                else orjson.dumps(self._fresh(req, outcome.answer)))
+        return Reply(200, headers, body=body, result=label, tokens=tokens)
+
+    def _fresh(self, req: ApiRequest, answer: Mapping[str, Any]) -> dict[str, Any]:
+        fresh = dict(answer)
+        fresh["id"] = ("chatcmpl-" if req.route == "chat" else "cmpl-") + secrets.token_hex(12)
+        fresh["created"] = int(self._clock.time())
+        return fresh
+
+    async def _stream_flight(self, req: ApiRequest, flight: Flight, include_usage: bool,
+                             label: str) -> AsyncGenerator[bytes, None]:
+        first = True
+        try:
+            async for event in flight.follow():
+                if event.usage_only and not include_usage:
+                    continue
+                if first:
+                    self._metrics.first_token("miss", self._clock.monotonic() - req.started)
+                    first = False
+                yield event.raw
+            outcome = flight.outcome
+            if label == "coalesced" and outcome is not None and outcome.answer is not None:
+                usage = outcome.answer.get("usage")
+                self._metrics.tokens(usage if isinstance(usage, Mapping) else {}, "coalesced")
+        finally:
+            flight.unsubscribe()
+
+    async def _fly(self, flight: Flight, req: ApiRequest, backend: Backend, target: _Target | None) -> None:
+        """The backend call itself, owned by no client: publishes to the flight, then stores."""
+        body = _ask_for_usage(req.body, req.raw) if flight.streaming else req.raw
         upstream = UpstreamRequest(method="POST", path=PATHS[req.route], query="",
                                    headers=req.headers, body=body, client_auth=req.upstream_auth,
-                                   stream=stream)
+                                   stream=flight.streaming)
         sent = self._clock.monotonic()
         try:
             resp = await backend.send(upstream)
         except ProxyError as exc:
             self._metrics.backend_error(backend.name, exc.label)
-            raise
+            flight.finish(Outcome(exc.status, {}, error=exc))
+            return
         self._metrics.backend(backend.name, resp.status, self._clock.monotonic() - sent)
         headers = dict(resp.headers)
-        headers["x-semcache"] = label
         if resp.chunks is None:
-            return self._fresh_json(req, resp, headers, target, label)
-        headers.update(SSE_HEADERS)
-        return Reply(resp.status, headers, result=label,
-                     stream=self._relay(req, resp, target, hide_usage, backend.name))
+            answer = _parse_answer(resp) if resp.status == 200 else None
+            flight.finish(Outcome(resp.status, headers, body=resp.body, answer=answer))
+        else:
+            flight.publish_head(resp.status, headers)
+            answer = await self._relay(flight, req, resp, backend.name)
+        if answer is None:
+            return
+        usage = answer.get("usage")
+        self._metrics.tokens(usage if isinstance(usage, Mapping) else {}, "backend")
+        if target is not None and self._cache is not None:
+            outcome = await self._cache.store(target.plan, model=str(req.body["model"]), route=req.route,
+                                              response=answer, vector=target.vector, embed=target.embed)
+            self._metrics.stored(outcome)
 
-    def _fresh_json(self, req: ApiRequest, resp: UpstreamResponse, headers: dict[str, str],
-                    target: _Target | None, label: str) -> Reply:
-        if resp.status != 200:
-            return Reply(resp.status, headers, body=resp.body, result="error")
-        try:
-            answer = orjson.loads(resp.body)
-        except orjson.JSONDecodeError:
-            return Reply(resp.status, headers, body=resp.body, result=label)
-        usage = answer.get("usage") if isinstance(answer, dict) else None
-        tokens = usage if isinstance(usage, Mapping) else {}
-        self._metrics.tokens(tokens, "backend")
-        if target is not None and isinstance(answer, dict):
-            self._store_later(req, target, answer)
-        return Reply(200, headers, body=resp.body, result=label, tokens=tokens)
-
-    async def _relay(self, req: ApiRequest, resp: UpstreamResponse, target: _Target | None,
-                     hide_usage: bool, backend: str) -> AsyncGenerator[bytes, None]:
-        """Forward events as they arrive; store the answer only if the stream ends cleanly."""
+    async def _relay(self, flight: Flight, req: ApiRequest, resp: UpstreamResponse,
+                     backend: str) -> dict[str, Any] | None:
+        """Publish events as they arrive; the answer only if the stream ended cleanly."""
         parser = streaming.SSEParser()
         acc: streaming.ChatAccumulator | streaming.CompletionAccumulator = (
             streaming.ChatAccumulator() if req.route == "chat" else streaming.CompletionAccumulator())
-        first = True
         assert resp.chunks is not None
+        failure: ProxyError | None = None
         try:
-            try:
-                async for data in resp.chunks:
-                    for event in parser.feed(data):
-                        acc.add_event(event)
-                        if hide_usage and _usage_only(event):
-                            continue
-                        if first:
-                            self._metrics.first_token("miss", self._clock.monotonic() - req.started)
-                            first = False
-                        yield event.raw
-                for event in parser.finish():
+            async for data in resp.chunks:
+                for event in parser.feed(data):
                     acc.add_event(event)
-            except ProxyError as exc:
-                self._metrics.backend_error(backend, exc.label)
-                yield streaming.encode_error_event(exc.message, type=exc.type, code=exc.code)
-                return
-            except streaming.SSEError as exc:
-                self._metrics.backend_error(backend, "bad_stream")
-                yield streaming.encode_error_event(f"upstream stream is malformed: {exc}",
-                                                   type="upstream_error", code="bad_stream")
-                return
-            if acc.error is not None:
-                return  # the upstream's own error event was forwarded as it came
-            if not acc.saw_done:
-                self._metrics.backend_error(backend, "truncated")
-                yield streaming.encode_error_event("upstream stream ended before [DONE]",
-                                                   type="upstream_error", code="stream_truncated")
-                return
+                    flight.publish(Event(event.raw, usage_only=_usage_only(event)))
+            for event in parser.finish():
+                acc.add_event(event)
+        except ProxyError as exc:
+            self._metrics.backend_error(backend, exc.label)
+            failure = exc
+        except streaming.SSEError as exc:
+            self._metrics.backend_error(backend, "bad_stream")
+            failure = BackendFailure(f"upstream stream is malformed: {exc}", code="bad_stream")
         finally:
             if resp.release is not None:
                 resp.release()
+        if failure is None and acc.error is not None:
+            # the upstream's own error event was forwarded as it came
+            failure = BackendFailure("upstream reported an error inside the stream", code="stream_error")
+        elif failure is None and not acc.saw_done:
+            self._metrics.backend_error(backend, "truncated")
+            failure = BackendFailure("upstream stream ended before [DONE]", code="stream_truncated")
+            flight.publish(Event(streaming.encode_error_event(failure.message, type=failure.type,
+                                                              code=failure.code)))
+        elif failure is not None:
+            flight.publish(Event(streaming.encode_error_event(failure.message, type=failure.type,
+                                                              code=failure.code)))
+        if failure is not None:
+            flight.finish(Outcome(502, dict(resp.headers), error=failure))
+            return None
         answer = acc.result()
-        usage = answer.get("usage")
-        self._metrics.tokens(usage if isinstance(usage, Mapping) else {}, "backend")
-        if target is not None:
-            self._store_later(req, target, answer)
-
-    def _store_later(self, req: ApiRequest, target: _Target, answer: dict[str, Any]) -> None:
-        cache = self._cache
-        if cache is None:
-            return
-
-        async def store() -> None:
-            outcome = await cache.store(target.plan, model=str(req.body["model"]), route=req.route,
-                                        response=answer, vector=target.vector, embed=target.embed)
-            self._metrics.stored(outcome)
-
-        self._tasks.spawn(store(), name="cache-store")
+        flight.finish(Outcome(200, dict(resp.headers), answer=answer))
+        return answer
 
 
-def _ask_for_usage(body: Mapping[str, Any], raw: bytes) -> tuple[bytes, bool]:
-    """Streamed answers are stored with their usage, so ask the upstream for it even when the
-    client did not; the extra usage-only event is then kept from that client."""
-    options = body.get("stream_options") or {}
-    if options.get("include_usage"):
-        return raw, False
+def _parse_answer(resp: UpstreamResponse) -> dict[str, Any] | None:
+    try:
+        answer = orjson.loads(resp.body)
+    except orjson.JSONDecodeError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _wants_usage(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def _ask_for_usage(body: Mapping[str, Any], raw: bytes) -> bytes:
+    """Streamed answers are stored with their usage, so the upstream is always asked for it;
+    subscribers that did not ask never see the usage-only event."""
+    if _wants_usage(body):
+        return raw
     patched = dict(body)
-    patched["stream_options"] = {**options, "include_usage": True}
-    return orjson.dumps(patched), True
+    patched["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return orjson.dumps(patched)
 
 
 def _usage_only(event: streaming.SSEEvent) -> bool:
