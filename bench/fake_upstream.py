@@ -31,6 +31,7 @@ class FakeUpstream:
     chunk_delay_s: float = 0.0      # between stream chunks
     words: int = 12                 # answer length in words
     calls: int = 0
+    aborted: int = 0                # handlers cut short because the caller went away
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth_seen: list[str | None] = field(default_factory=list)
     keep_requests: bool = True
@@ -84,6 +85,13 @@ class FakeUpstream:
         return None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._chat(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.aborted += 1
+            raise
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, fault = await self._begin(request)
         failed = self._http_fault(fault)
         if failed is not None:
@@ -97,6 +105,8 @@ class FakeUpstream:
         usage = _usage(len(prompt.split()) + 5, len(content.split()))
         ident = f"chatcmpl-fake{self.calls}"
         if not body.get("stream"):
+            if fault == "stall":
+                await asyncio.sleep(3600)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
