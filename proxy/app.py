@@ -25,6 +25,7 @@ from .cachekey import Rules
 from .clock import SystemClock
 from .config import Config, ConfigError, load_config, resolve_secrets
 from .embedding import SentenceEmbedder
+from .guards import Guards
 from .index import FaissIndex
 from .metrics import PrometheusMetrics
 from .middleware import make_middleware
@@ -41,7 +42,7 @@ def make_policy(config: Config) -> Policy:
     rules = Rules(scripts=frozenset(config.embedding.scripts),
                   min_script_share=config.embedding.min_script_share,
                   semantic=config.cache.semantic)
-    return Policy(cache=config.cache, rules=rules)
+    return Policy(cache=config.cache, rules=rules, guards=Guards.only(*config.cache.guards))
 
 
 def tenant_secret(data_dir: str) -> bytes:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from .cachekey import Plan
+from .guards import NO_GUARDS, Guards, check
 from .ports import Clock, Embedder, Entry, EntryStore, Metrics, StoreStats, Vector, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Miss:
     vector: Vector | None     # the embedding computed for the lookup, reused when storing
     best: float | None        # best similarity seen in scope, for the histogram
     reason: str | None = None  # why semantic search was skipped ("too_long", "error", ...)
+    refused: str | None = None  # the guard that refused a candidate above the threshold
 
 
 Lookup = Hit | Miss
@@ -60,16 +62,16 @@ class SemanticCache:
     def semantic_available(self) -> bool:
         return self._embedder is not None
 
-    async def lookup(self, plan: Plan, threshold: float) -> Lookup:
+    async def lookup(self, plan: Plan, threshold: float, guards: Guards = NO_GUARDS) -> Lookup:
         try:
             async with asyncio.timeout(self._settings.lookup_timeout_s):
-                return await self._lookup(plan, threshold)
+                return await self._lookup(plan, threshold, guards)
         except Exception as exc:  # a broken cache is a miss, never a failed request
             self._metrics.cache_error("lookup")
             log.warning("cache lookup failed, serving as a miss: %s", type(exc).__name__)
             return Miss(vector=None, best=None, reason="error")
 
-    async def _lookup(self, plan: Plan, threshold: float) -> Lookup:
+    async def _lookup(self, plan: Plan, threshold: float, guards: Guards) -> Lookup:
         entry = await self._store.get(plan.key)
         if entry is not None and entry.scope == plan.scope:
             return Hit(entry, "exact", 1.0)
@@ -83,16 +85,23 @@ class SemanticCache:
         vector = embedding.vectors[0]
         neighbours = await self._index.search(plan.scope, vector, self._settings.top_k)
         best = neighbours[0].score if neighbours else None
+        refused = None
         for neighbour in neighbours:
             if neighbour.score < threshold:
                 break
             candidate = await self._store.get(neighbour.key)
-            # the store is the truth: an index that lags behind costs a hit, never a wrong answer
-            if candidate is not None and candidate.scope == plan.scope:
-                return Hit(candidate, "semantic", neighbour.score)
             if candidate is None:
                 await self._index.remove(plan.scope, neighbour.key)
-        return Miss(vector=vector, best=best)
+                continue
+            # the store is the truth: an index that lags behind costs a hit, never a wrong answer
+            if candidate.scope != plan.scope or candidate.text is None:
+                continue
+            guard = check(plan.text, candidate.text, guards)
+            if guard is not None:
+                refused = refused or guard
+                continue
+            return Hit(candidate, "semantic", neighbour.score)
+        return Miss(vector=vector, best=best, refused=refused)
 
     def admissible(self, response: Mapping[str, Any]) -> str | None:
         """Why an answer must not be stored, or None when it may be."""

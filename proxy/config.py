@@ -92,6 +92,10 @@ class CacheConfig(_Model):
     semantic: bool = True
     #: a miss within threshold of an in-flight request in the same scope waits for its answer
     coalesce: bool = True
+    #: checks that refuse a semantic hit whose cached prompt means something else
+    #: (docs/quality.md measures each): numbers, negation, antonyms, entities, order, time_sensitive
+    guards: tuple[Literal["numbers", "negation", "antonyms", "entities", "order", "time_sensitive"], ...] = (
+        "time_sensitive", "numbers", "negation", "antonyms", "entities", "order")
     #: cosine similarity a semantic hit needs (see docs/quality.md for how it was chosen)
     threshold: Fraction = 0.97
     #: per-model overrides (fnmatch patterns), first match wins

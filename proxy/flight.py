@@ -45,6 +45,7 @@ class Flight:
     scope: str | None
     vector: Vector | None
     streaming: bool                      # how the backend is asked
+    text: str | None = None              # the semantic text, for guards on coalescing
     events: list[Event] = field(default_factory=list)
     outcome: Outcome | None = None
     head: tuple[int, dict[str, str]] | None = None
@@ -127,7 +128,9 @@ class FlightTable:
     def find_similar(self, scope: str, vector: Vector, threshold: float) -> tuple[Flight, float] | None:
         best: tuple[Flight, float] | None = None
         for flight in self._by_scope.get(scope, ()):
-            if flight.vector is None or flight.outcome is not None:
+            # a finished flight stays joinable while its answer is being stored
+            failed = flight.outcome is not None and flight.outcome.answer is None
+            if flight.vector is None or failed:
                 continue
             score = float(np.dot(flight.vector, vector))
             if score >= threshold and (best is None or score > best[1]):

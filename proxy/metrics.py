@@ -47,6 +47,9 @@ class PrometheusMetrics:
         self._bytes = Gauge(p + "cache_bytes", "Bytes held by the cache", registry=registry)
         self._stored = Counter(p + "cache_store_total", "Answers offered to the cache by outcome",
                                ["outcome"], registry=registry)
+        self._guards = Counter(p + "cache_guard_refusals_total",
+                               "Semantic candidates above the threshold refused by a guard", ["guard"],
+                               registry=registry)
         self._coalesced = Counter(p + "coalesced_requests_total",
                                   "Misses that shared an in-flight backend call", ["kind"],
                                   registry=registry)
@@ -90,6 +93,9 @@ class PrometheusMetrics:
     def cache_size(self, entries: int, size_bytes: int) -> None:
         self._entries.set(entries)
         self._bytes.set(size_bytes)
+
+    def guard_refusal(self, guard: str) -> None:
+        self._guards.labels(guard).inc()
 
     def coalesced(self, kind: str) -> None:
         self._coalesced.labels(kind).inc()

@@ -19,6 +19,7 @@ from .cachekey import Directives, Plan, Rules, effective_threshold, plan
 from .config import CacheConfig
 from .errors import BackendFailure, ProxyError
 from .flight import Event, Flight, FlightTable, Outcome
+from .guards import NO_GUARDS, Guards, check
 from .ports import Backend, Clock, Metrics, UpstreamRequest, UpstreamResponse, Vector
 from .tasks import TaskTracker
 
@@ -35,6 +36,7 @@ class Policy:
 
     cache: CacheConfig
     rules: Rules
+    guards: Guards = NO_GUARDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,7 @@ class Pipeline:
         embed = True
         threshold = effective_threshold(policy.cache.threshold_for(model, req.route), req.directives)
         if the_plan.lookup:
-            found = await self._cache.lookup(the_plan, threshold)
+            found = await self._cache.lookup(the_plan, threshold, policy.guards)
             if isinstance(found, Hit):
                 self._metrics.lookup(found.kind)
                 if found.kind == "semantic":
@@ -109,6 +111,8 @@ class Pipeline:
             self._metrics.lookup("miss")
             if found.reason is not None:
                 self._metrics.bypass(found.reason)
+            if found.refused is not None:
+                self._metrics.guard_refusal(found.refused)
             if found.best is not None:
                 self._metrics.similarity(found.best, False)
             vector = found.vector
@@ -163,7 +167,7 @@ class Pipeline:
                 self._metrics.coalesced("exact")
             elif target.vector is not None and target.coalesce:
                 found = self._flights.find_similar(target.plan.scope, target.vector, target.threshold)
-                if found is not None:
+                if found is not None and not self._guarded(target, found[0]):
                     flight = found[0]
                     self._metrics.coalesced("semantic")
         if flight is not None:
@@ -177,11 +181,20 @@ class Pipeline:
             flight.unsubscribe()
             raise
 
+    def _guarded(self, target: _Target, flight: Flight) -> bool:
+        if target.plan.text is None or flight.text is None:
+            return True
+        guard = check(target.plan.text, flight.text, self._policy().guards)
+        if guard is not None:
+            self._metrics.guard_refusal(guard)
+        return guard is not None
+
     def _start_flight(self, req: ApiRequest, target: _Target | None) -> Flight:
         stream = bool(req.body.get("stream"))
         key = target.plan.key if target is not None else secrets.token_hex(16)
         flight = Flight(key=key, scope=target.plan.scope if target else None,
-                        vector=target.vector if target else None, streaming=stream)
+                        vector=target.vector if target else None, streaming=stream,
+                        text=target.plan.text if target else None)
         backend = self._route_backend(str(req.body["model"]))
         return self._flights.start(flight, self._fly(flight, req, backend, target),
                                    shared=target is not None)
