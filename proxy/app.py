@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from .accounting import PriceTable, parse_prices
 from .appkeys import CACHE, CONFIG, METRICS_TEXT, PIPELINE, SECRETS, STATE, TENANT_SECRET, State
 from .backends.openai import OpenAIBackend
 from .cache import CacheSettings, SemanticCache
@@ -36,6 +37,16 @@ from .store.memory import MemoryStore
 from .tasks import TaskTracker
 
 log = logging.getLogger(__name__)
+
+
+def load_prices(path: str) -> PriceTable:
+    try:
+        return parse_prices(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        log.warning("no price table (%s): costs are reported as unpriced", exc)
+    except ValueError as exc:
+        raise ConfigError(f"invalid price table {path}: {exc}") from exc
+    return PriceTable()
 
 
 def make_policy(config: Config) -> Policy:
@@ -115,7 +126,8 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
     app[CACHE] = cache
     state = app[STATE]
     app[PIPELINE] = Pipeline(cache=cache, route_backend=route_backend, metrics=metrics, clock=clock,
-                             policy=lambda: state.policy, tasks=tasks)
+                             policy=lambda: state.policy, tasks=tasks,
+                             prices=load_prices(config.accounting.prices_file))
 
     async def backends_ctx(_: web.Application) -> AsyncIterator[None]:
         for backend in backends.values():

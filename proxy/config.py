@@ -40,6 +40,13 @@ class ServerConfig(_Model):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class BreakerConfig(_Model):
+    #: consecutive failed calls (no answer, or a retried status) that open the breaker
+    failures: int = Field(5, ge=1)
+    #: an open breaker skips the backend this long, then lets one probe call through
+    open_s: float = Field(30.0, gt=0)
+
+
 class BackendConfig(_Model):
     name: str = "deepseek"
     type: Literal["openai", "vllm"] = "openai"
@@ -55,6 +62,17 @@ class BackendConfig(_Model):
     #: longest silence tolerated inside a stream; there is no total timeout on streams
     idle_timeout_s: float = Field(120.0, gt=0)
     max_concurrency: int = Field(256, gt=0)
+    #: retries on this backend after the first attempt, only while nothing has reached the
+    #: client: no HTTP answer, or a status in retry_statuses (0: one attempt, then fail over)
+    retries: int = Field(2, ge=0, le=10)
+    #: full-jitter backoff: retry n waits uniform(0, min(backoff_max_s, backoff_base_s * 2**(n-1)))
+    backoff_base_s: float = Field(0.1, gt=0)
+    backoff_max_s: float = Field(2.0, gt=0)
+    #: upstream statuses retried (and failed over); 429 is passed to the client with Retry-After
+    retry_statuses: tuple[int, ...] = (502, 503, 504)
+    breaker: BreakerConfig = BreakerConfig()
+    #: GET path probed for health; unset: /health for vllm, /v1/models for openai; "off": none
+    health_path: str | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -63,8 +81,30 @@ class BackendConfig(_Model):
             raise ValueError("base_url must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("health_path")
+    @classmethod
+    def _health_path(cls, value: str | None) -> str | None:
+        if value is not None and value != "off" and not value.startswith("/"):
+            raise ValueError('health_path must start with "/" (or be "off")')
+        return value
+
+    @field_validator("retry_statuses")
+    @classmethod
+    def _statuses(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 400 <= status <= 599 for status in value):
+            raise ValueError("retry_statuses must be HTTP error statuses (400-599)")
+        return value
+
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def health_url_path(self) -> str | None:
+        """The path the health probe GETs, or None when probing is off."""
+        if self.health_path == "off":
+            return None
+        if self.health_path is not None:
+            return self.health_path
+        return "/health" if self.type == "vllm" else "/v1/models"
 
 
 class EmbeddingConfig(_Model):
@@ -145,6 +185,22 @@ class TenancyConfig(_Model):
     keys: tuple[TenantKey, ...] = ()
 
 
+class AccountingConfig(_Model):
+    #: USD per 1M tokens per model and energy profiles per backend (docs/accounting.md);
+    #: a relative path is read from the working directory
+    prices_file: str = "config/prices.yaml"
+
+
+class RoutingConfig(_Model):
+    #: a request may go to every backend whose models match, in config order, when the earlier
+    #: ones are down (breaker open) or fail before the first byte; false: the first match only
+    failover: bool = True
+    #: seconds between health probes of each backend; 0 turns the probes off
+    health_interval_s: float = Field(10.0, ge=0)
+    #: a health probe slower than this counts as down
+    health_timeout_s: float = Field(5.0, gt=0)
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     backends: tuple[BackendConfig, ...] = (BackendConfig(),)
@@ -152,12 +208,32 @@ class Config(_Model):
     cache: CacheConfig = CacheConfig()
     store: StoreConfig = StoreConfig()
     tenancy: TenancyConfig = TenancyConfig()
+    accounting: AccountingConfig = AccountingConfig()
+    routing: RoutingConfig = RoutingConfig()
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_backends(cls, value: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
+        if not value:
+            raise ValueError("at least one backend is needed")
+        names = [backend.name for backend in value]
+        if len(set(names)) != len(names):
+            raise ValueError("backend names must be unique")
+        return value
 
     def backend_for(self, model: str) -> BackendConfig:
         for backend in self.backends:
             if backend.serves(model):
                 return backend
         return self.backends[0]
+
+    def backends_for(self, model: str) -> tuple[BackendConfig, ...]:
+        """Every backend whose patterns match, in config order (the first only without
+        failover); the first backend when none matches, as ``backend_for``."""
+        matching = tuple(backend for backend in self.backends if backend.serves(model))
+        if not matching:
+            return (self.backends[0],)
+        return matching if self.routing.failover else matching[:1]
 
 
 class Secrets(BaseModel):

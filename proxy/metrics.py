@@ -5,16 +5,16 @@ Base units (seconds, tokens); every label value comes from a fixed set or from c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .accounting import Account
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIMILARITY_BUCKETS = tuple(round(0.5 + i * 0.025, 3) for i in range(21))  # 0.5 .. 1.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
+_BREAKER_STATES = ("closed", "open", "half_open")
 _ROUTES = frozenset({"chat", "completions", "models", "passthrough", "admin", "other"})
 
 
@@ -41,6 +41,15 @@ class PrometheusMetrics:
                                ["result"], buckets=LATENCY_BUCKETS, registry=registry)
         self._tokens = Counter(p + "tokens_total", "Tokens spent (backend) and saved (cache)",
                                ["kind", "source"], registry=registry)
+        self._usd = Counter(p + "cost_usd_total", "USD at the model's token prices: spent or saved",
+                            ["source"], registry=registry)
+        self._unpriced = Counter(p + "unpriced_answers_total",
+                                 "Answers whose model has no price in prices.yaml", ["source"],
+                                 registry=registry)
+        self._joules = Counter(p + "energy_joules_total", "Estimated or measured energy, PUE included",
+                               ["source", "method"], registry=registry)
+        self._co2 = Counter(p + "co2_grams_total", "Grams CO2e of that energy", ["source"],
+                            registry=registry)
         self._cache_errors = Counter(p + "cache_errors_total", "Cache faults turned into misses",
                                      ["operation"], registry=registry)
         self._entries = Gauge(p + "cache_entries", "Entries in the cache", registry=registry)
@@ -57,6 +66,14 @@ class PrometheusMetrics:
                                   ["backend", "status_class"], buckets=LATENCY_BUCKETS, registry=registry)
         self._backend_errors = Counter(p + "backend_errors_total", "Backend calls that got no answer",
                                        ["backend", "kind"], registry=registry)
+        self._backend_up = Gauge(p + "backend_up", "1 when the backend's circuit breaker is closed",
+                                 ["backend"], registry=registry)
+        self._breaker = Gauge(p + "backend_breaker_state", "Circuit breaker state, one-hot",
+                              ["backend", "state"], registry=registry)
+        self._retries = Counter(p + "retries_total", "Backend attempts tried again before the first byte",
+                                ["backend", "reason"], registry=registry)
+        self._failovers = Counter(p + "failovers_total", "Requests that moved on from this backend",
+                                  ["backend"], registry=registry)
         self._embed = Histogram(p + "embedding_duration_seconds", "Model time per embedding batch",
                                 buckets=LATENCY_BUCKETS, registry=registry)
         self._embed_batch = Histogram(p + "embedding_batch_size", "Texts per embedding batch",
@@ -81,11 +98,19 @@ class PrometheusMetrics:
     def first_token(self, result: str, seconds: float) -> None:
         self._ttft.labels(result).observe(seconds)
 
-    def tokens(self, usage: Mapping[str, Any], source: str) -> None:
-        for kind in ("prompt_tokens", "completion_tokens"):
-            value = usage.get(kind)
-            if isinstance(value, int) and value > 0:
-                self._tokens.labels(kind.removesuffix("_tokens"), source).inc(value)
+    def usage(self, account: Account, source: str) -> None:
+        if account.tokens_prompt:
+            self._tokens.labels("prompt", source).inc(account.tokens_prompt)
+        if account.tokens_completion:
+            self._tokens.labels("completion", source).inc(account.tokens_completion)
+        if account.usd is not None:
+            self._usd.labels(source).inc(account.usd)
+        else:
+            self._unpriced.labels(source).inc()
+        if account.joules:
+            self._joules.labels(source, account.method or "estimated").inc(account.joules)
+        if account.co2_g:
+            self._co2.labels(source).inc(account.co2_g)
 
     def cache_error(self, operation: str) -> None:
         self._cache_errors.labels(operation).inc()
@@ -108,6 +133,18 @@ class PrometheusMetrics:
 
     def backend_error(self, backend: str, kind: str) -> None:
         self._backend_errors.labels(self._backend_label(backend), kind).inc()
+
+    def backend_state(self, backend: str, state: str) -> None:
+        label = self._backend_label(backend)
+        self._backend_up.labels(label).set(1 if state == "closed" else 0)
+        for name in _BREAKER_STATES:
+            self._breaker.labels(label, name).set(1 if name == state else 0)
+
+    def retry(self, backend: str, reason: str) -> None:
+        self._retries.labels(self._backend_label(backend), reason).inc()
+
+    def failover(self, backend: str) -> None:
+        self._failovers.labels(self._backend_label(backend)).inc()
 
     def embedding_batch(self, size: int, seconds: float) -> None:
         self._embed.observe(seconds)

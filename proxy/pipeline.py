@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from . import streaming
+from .accounting import PriceTable, account
 from .cache import Hit, SemanticCache
 from .cachekey import Directives, Plan, Rules, effective_threshold, plan
 from .config import CacheConfig
@@ -75,14 +76,28 @@ class Reply:
 class Pipeline:
     def __init__(self, *, cache: SemanticCache | None, route_backend: Callable[[str], Backend],
                  metrics: Metrics, clock: Clock, policy: Callable[[], Policy],
-                 tasks: TaskTracker) -> None:
+                 tasks: TaskTracker, prices: PriceTable | None = None) -> None:
         self._cache = cache
         self._route_backend = route_backend
         self._metrics = metrics
         self._clock = clock
         self._policy = policy
         self._tasks = tasks
+        self._prices = prices or PriceTable()
+        self._unpriced: set[str] = set()
         self._flights = FlightTable(spawn=lambda work: tasks.spawn(work, name="flight"))
+
+    def _account(self, usage: Mapping[str, Any], req: ApiRequest, source: str,
+                 backend: str | None = None) -> None:
+        """Spent (backend) or saved (cache, coalesced): tokens, USD, joules, CO2."""
+        model = str(req.body["model"])
+        name = backend or self._route_backend(model).name
+        figures = account(usage, model, name, self._prices)
+        if not figures.priced and model not in self._unpriced and len(self._unpriced) < 1000:
+            self._unpriced.add(model)
+            log.warning("model %r has no price in the price table: its cost is reported as unpriced",
+                        model[:100])
+        self._metrics.usage(figures, source)
 
     def backend_for(self, model: str | None) -> Backend:
         return self._route_backend(model or "")
@@ -134,9 +149,8 @@ class Pipeline:
         headers = {"x-semcache": hit.kind}
         if hit.kind == "semantic":
             headers["x-semcache-similarity"] = f"{hit.score:.4f}"
-        usage = response.get("usage")
-        tokens = usage if isinstance(usage, Mapping) else {}
-        self._metrics.tokens(tokens, "cache")
+        tokens = _usage_of(response)
+        self._account(tokens, req, "cache")
         if not req.body.get("stream"):
             headers["content-type"] = JSON_TYPE
             return Reply(200, headers, body=orjson.dumps(response), result=hit.kind, tokens=tokens)
@@ -217,10 +231,9 @@ class Pipeline:
         headers = {**outcome.headers, "x-semcache": label}
         if outcome.answer is None or outcome.status != 200:
             return Reply(outcome.status, headers, body=outcome.body, result="error")
-        usage = outcome.answer.get("usage")
-        tokens = usage if isinstance(usage, Mapping) else {}
+        tokens = _usage_of(outcome.answer)
         if follower:
-            self._metrics.tokens(tokens, "coalesced")
+            self._account(tokens, req, "coalesced")
         if wants_stream:
             answer = self._fresh(req, outcome.answer)
             return Reply(200, {**headers, **SSE_HEADERS}, result=label, tokens=tokens,
@@ -250,8 +263,7 @@ class Pipeline:
                 yield event.raw
             outcome = flight.outcome
             if label == "coalesced" and outcome is not None and outcome.answer is not None:
-                usage = outcome.answer.get("usage")
-                self._metrics.tokens(usage if isinstance(usage, Mapping) else {}, "coalesced")
+                self._account(_usage_of(outcome.answer), req, "coalesced")
         finally:
             flight.unsubscribe()
 
@@ -278,8 +290,7 @@ class Pipeline:
             answer = await self._relay(flight, req, resp, backend.name)
         if answer is None:
             return
-        usage = answer.get("usage")
-        self._metrics.tokens(usage if isinstance(usage, Mapping) else {}, "backend")
+        self._account(_usage_of(answer), req, "backend", backend.name)
         if target is not None and self._cache is not None:
             outcome = await self._cache.store(target.plan, model=str(req.body["model"]), route=req.route,
                                               response=answer, vector=target.vector, embed=target.embed)
@@ -334,6 +345,11 @@ def _parse_answer(resp: UpstreamResponse) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return answer if isinstance(answer, dict) else None
+
+
+def _usage_of(answer: Mapping[str, Any]) -> Mapping[str, Any]:
+    usage = answer.get("usage")
+    return usage if isinstance(usage, Mapping) else {}
 
 
 def _wants_usage(body: Mapping[str, Any]) -> bool:

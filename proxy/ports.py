@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .accounting import Account
+
 Vector = npt.NDArray[np.float32]
 """A unit-length float32 embedding (1-D); a batch is 2-D, one row per text."""
 
@@ -188,7 +190,10 @@ class Metrics(Protocol):
 
     def first_token(self, result: str, seconds: float) -> None: ...
 
-    def tokens(self, usage: Mapping[str, Any], source: str) -> None: ...
+    def usage(self, account: Account, source: str) -> None:
+        """Tokens, USD, joules and CO2 of one answer: spent (source=backend) or saved
+        (source=cache|coalesced)."""
+        ...
 
     def cache_error(self, operation: str) -> None: ...
 
@@ -203,3 +208,16 @@ class Metrics(Protocol):
     def backend(self, backend: str, status: int, seconds: float) -> None: ...
 
     def backend_error(self, backend: str, kind: str) -> None: ...
+
+    def backend_state(self, backend: str, state: str) -> None:
+        """The backend's circuit breaker is now ``closed`` (up), ``open`` or ``half_open``."""
+        ...
+
+    def retry(self, backend: str, reason: str) -> None:
+        """A failed attempt on ``backend`` is tried again there (reason: unreachable, timeout,
+        or the HTTP status)."""
+        ...
+
+    def failover(self, backend: str) -> None:
+        """A request gave up on ``backend`` (failed, or its breaker is open) for the next one."""
+        ...
