@@ -60,7 +60,8 @@ class _Target:
     vector: Vector | None     # computed by the lookup, reused for the store and for coalescing
     embed: bool               # False when the lookup found the text too long to embed
     threshold: float = 1.0    # similarity a concurrent request needs to share this call
-    coalesce: bool = False    # semantic coalescing allowed
+    join: bool = False        # may share an in-flight call for the same exact key
+    coalesce: bool = False    # may share an in-flight call for a similar question
 
 
 @dataclass(slots=True)
@@ -135,17 +136,16 @@ class Pipeline:
         else:
             self._metrics.lookup("bypass")
         label = "miss" if the_plan.lookup else "bypass"
-        target = (_Target(the_plan, vector, embed, threshold, policy.cache.coalesce and the_plan.lookup)
+        # a request that asked for a fresh answer (no-cache) starts its own call
+        target = (_Target(the_plan, vector, embed, threshold, join=the_plan.lookup,
+                          coalesce=policy.cache.coalesce and the_plan.lookup)
                   if the_plan.store else None)
         return await self._forward(req, target, label)
 
     # -- hits -------------------------------------------------------------------------------
 
     def _replay(self, req: ApiRequest, hit: Hit) -> Reply:
-        response = dict(hit.entry.response)
-        prefix = "chatcmpl-" if req.route == "chat" else "cmpl-"
-        response["id"] = prefix + secrets.token_hex(12)
-        response["created"] = int(self._clock.time())
+        response = self._fresh(req, hit.entry.response)
         headers = {"x-semcache": hit.kind}
         if hit.kind == "semantic":
             headers["x-semcache-similarity"] = f"{hit.score:.4f}"
@@ -175,7 +175,7 @@ class Pipeline:
     async def _forward(self, req: ApiRequest, target: _Target | None, label: str) -> Reply:
         """Join a flight already answering this question, or start one, and follow it."""
         flight: Flight | None = None
-        if target is not None:
+        if target is not None and target.join:
             flight = self._flights.find(target.plan.key)
             if flight is not None:
                 self._metrics.coalesced("exact")
