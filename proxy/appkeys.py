@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ class State:
     ready: bool = False
     draining: bool = False
     in_flight: int = 0
+    #: set whenever in_flight drops to zero; drain waits on it
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     notes: dict[str, str] = field(default_factory=dict)
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from .cachekey import Plan
-from .guards import NO_GUARDS, Guards, check
+from .guards import ALL_GUARDS, NO_GUARDS, Guards, check, fired
 from .ports import Clock, Embedder, Entry, EntryStore, Metrics, StoreStats, Vector, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,71 @@ Lookup = Hit | Miss
 
 
 @dataclass(frozen=True, slots=True)
+class Candidate:
+    """One neighbour of an explained request, as the lookup would judge it."""
+
+    key: str
+    score: float
+    text: str | None          # the cached prompt (admin output only)
+    above_threshold: bool
+    refused_by: str | None    # the first enabled guard that refuses it (what the lookup checks)
+    guards_fired: tuple[str, ...]  # every guard that fires, enabled or not
+    live: bool                # False: in the index but gone from the store (or another scope)
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """What a lookup would do for a request, worked out without serving or storing anything."""
+
+    scope: str
+    key: str
+    embedder: str | None
+    semantic_text: bool       # whether the request takes part in semantic matching at all
+    reason: str | None        # why semantic matching is off or was skipped
+    exact_hit: bool
+    threshold: float
+    neighbours: tuple[Candidate, ...]
+    decision: str             # "exact" | "semantic" | "miss"
+    served_by: str | None     # the key of the entry that would answer
+
+
+class RecentHits:
+    """Which entry answered a request by similarity, per exact key, for a short while: a retry
+    of that request with ``Cache-Control: no-cache`` soon after says the hit was wrong. Bounded:
+    the oldest of ``max_items`` are forgotten first. Times are the caller's monotonic seconds."""
+
+    def __init__(self, max_items: int = 10_000) -> None:
+        self._max_items = max_items
+        self._hits: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hits)
+
+    def remember(self, key: str, entry_key: str, now: float) -> None:
+        self._hits.pop(key, None)
+        self._hits[key] = (entry_key, now)
+        while len(self._hits) > self._max_items:
+            self._hits.popitem(last=False)
+
+    def get(self, key: str, now: float, window_s: float) -> str | None:
+        """The entry that served ``key`` within the last ``window_s`` seconds, or None."""
+        found = self._hits.get(key)
+        if found is None:
+            return None
+        entry_key, at = found
+        if now - at > window_s:
+            del self._hits[key]
+            return None
+        return entry_key
+
+    def take(self, key: str, now: float, window_s: float) -> str | None:
+        """As :meth:`get`, and forget it (one retry is one piece of feedback)."""
+        entry_key = self.get(key, now, window_s)
+        self._hits.pop(key, None)
+        return entry_key
+
+
+@dataclass(frozen=True, slots=True)
 class CacheSettings:
     ttl_s: float
     top_k: int
@@ -50,17 +116,25 @@ class CacheSettings:
 
 class SemanticCache:
     def __init__(self, *, store: EntryStore, index: VectorIndex, embedder: Embedder | None,
-                 clock: Clock, metrics: Metrics, settings: CacheSettings) -> None:
+                 clock: Clock, metrics: Metrics, settings: CacheSettings,
+                 embedders: Mapping[str, Embedder] | None = None) -> None:
         self._store = store
         self._index = index
         self._embedder = embedder
+        # by model id, for plans that name one (Plan.embedder); None names the default
+        self._embedders = dict(embedders or {})
         self._clock = clock
         self._metrics = metrics
         self._settings = settings
 
     @property
     def semantic_available(self) -> bool:
-        return self._embedder is not None
+        return self._embedder is not None or bool(self._embedders)
+
+    def _embedder_for(self, plan: Plan) -> Embedder | None:
+        if plan.embedder is None:
+            return self._embedder
+        return self._embedders.get(plan.embedder)
 
     async def lookup(self, plan: Plan, threshold: float, guards: Guards = NO_GUARDS) -> Lookup:
         try:
@@ -71,18 +145,54 @@ class SemanticCache:
             log.warning("cache lookup failed, serving as a miss: %s", type(exc).__name__)
             return Miss(vector=None, best=None, reason="error")
 
+    async def exact(self, plan: Plan) -> Entry | None:
+        """The entry stored under the plan's exact key and scope, or None, also on any fault
+        (a replica waiting for another replica's answer polls this)."""
+        try:
+            async with asyncio.timeout(self._settings.lookup_timeout_s):
+                entry = await self._store.get(plan.key)
+        except Exception as exc:
+            self._metrics.cache_error("lookup")
+            log.debug("exact lookup failed: %s", type(exc).__name__)
+            return None
+        if entry is None or entry.key != plan.key or entry.scope != plan.scope:
+            return None
+        return entry
+
     async def _lookup(self, plan: Plan, threshold: float, guards: Guards) -> Lookup:
         entry = await self._store.get(plan.key)
         if entry is not None and entry.scope == plan.scope:
             return Hit(entry, "exact", 1.0)
-        if plan.text is None or self._embedder is None:
+        embedder = self._embedder_for(plan)
+        if plan.text is None or embedder is None:
             return Miss(vector=None, best=None)
-        embedding = await self._embedder.embed([plan.text])
-        if embedding.tokens[0] > self._embedder.max_tokens:
+        embedding = await embedder.embed([plan.text])
+        if embedding.tokens[0] > embedder.max_tokens:
             # the model would compare a truncated prompt: two long prompts that differ only
             # after the window would look identical
             return Miss(vector=None, best=None, reason="too_long")
-        vector = embedding.vectors[0]
+        return await self._search(plan, embedding.vectors[0], threshold, guards)
+
+    async def recheck(self, plan: Plan, vector: Vector | None, threshold: float,
+                      guards: Guards = NO_GUARDS) -> Hit | None:
+        """Look again, without embedding, for an answer stored since the lookup began: a slow
+        lookup can miss an identical or similar call that finished meanwhile."""
+        try:
+            async with asyncio.timeout(self._settings.lookup_timeout_s):
+                entry = await self._store.get(plan.key)
+                if entry is not None and entry.scope == plan.scope:
+                    return Hit(entry, "exact", 1.0)
+                if vector is None or plan.text is None:
+                    return None
+                found = await self._search(plan, vector, threshold, guards)
+        except Exception as exc:
+            self._metrics.cache_error("lookup")
+            log.debug("cache recheck failed: %s", type(exc).__name__)
+            return None
+        return found if isinstance(found, Hit) else None
+
+    async def _search(self, plan: Plan, vector: Vector, threshold: float, guards: Guards) -> Lookup:
+        assert plan.text is not None
         neighbours = await self._index.search(plan.scope, vector, self._settings.top_k)
         best = neighbours[0].score if neighbours else None
         refused = None
@@ -133,18 +243,23 @@ class SemanticCache:
             size = len(orjson.dumps(response))
             if size > self._settings.max_entry_bytes:
                 return "too_large"
-            if embed and plan.text is not None and vector is None and self._embedder is not None:
-                embedding = await self._embedder.embed([plan.text])
-                if embedding.tokens[0] <= self._embedder.max_tokens:
-                    vector = embedding.vectors[0]
             now = self._clock.time()
-            entry = Entry(key=plan.key, scope=plan.scope, model=model, route=route,
-                          text=plan.text if vector is not None else None, vector=vector,
-                          response=response, created=now, expires=now + self._settings.ttl_s)
-            dropped = await self._store.put(entry)
-            for old in dropped:
-                if old.vector is not None:
-                    await self._index.remove(old.scope, old.key)
+            entry = Entry(key=plan.key, scope=plan.scope, model=model, route=route, text=None,
+                          vector=None, response=response, created=now,
+                          expires=now + self._settings.ttl_s)
+            embedder = self._embedder_for(plan)
+            if embed and plan.text is not None and vector is None and embedder is not None:
+                # the exact entry goes in before the text is embedded, so a repeat arriving
+                # meanwhile is an exact hit rather than a miss or a semantic hit
+                await self._put(entry)
+                embedding = await embedder.embed([plan.text])
+                if embedding.tokens[0] > embedder.max_tokens:
+                    await self._report_size()
+                    return "stored"
+                vector = embedding.vectors[0]
+            if vector is not None:
+                entry = replace(entry, text=plan.text, vector=vector)
+            await self._put(entry)
             if vector is not None and await self._store.get(plan.key) is not None:
                 await self._index.add(plan.scope, plan.key, vector)
             await self._report_size()
@@ -154,12 +269,74 @@ class SemanticCache:
             log.warning("cache store failed: %s", type(exc).__name__)
             return "error"
 
+    async def _put(self, entry: Entry) -> None:
+        for old in await self._store.put(entry):
+            if old.vector is not None:
+                await self._index.remove(old.scope, old.key)
+
     async def delete(self, key: str) -> bool:
         entry = await self._store.delete(key)
         if entry is not None and entry.vector is not None:
             await self._index.remove(entry.scope, entry.key)
         await self._report_size()
         return entry is not None
+
+    async def feedback(self, key: str, kind: str) -> Entry | None:
+        """A served answer was marked wrong (``kind``: explicit | retry): evict its entry and
+        count it. Returns the evicted entry, or None when it was already gone."""
+        entry = await self._store.delete(key)
+        if entry is None:
+            return None
+        if entry.vector is not None:
+            await self._index.remove(entry.scope, entry.key)
+        self._metrics.feedback(kind)
+        await self._report_size()
+        return entry
+
+    async def explain(self, plan: Plan, threshold: float, guards: Guards = NO_GUARDS,
+                      k: int | None = None) -> Explanation:
+        """The lookup's decision for ``plan`` with the reasons: exact match, the top ``k``
+        neighbours in scope with their scores and the guards that fire. Nothing is served,
+        stored or cleaned up (stale index entries are only reported)."""
+        k = k or self._settings.top_k
+        exact = await self._store.get(plan.key)
+        exact_hit = exact is not None and exact.scope == plan.scope
+        embedder = self._embedder_for(plan)
+        reason = plan.bypass if plan.text is None else None
+        neighbours: list[Candidate] = []
+        if plan.text is not None and embedder is None:
+            reason = "no_embedder"
+        elif plan.text is not None and embedder is not None:
+            embedding = await embedder.embed([plan.text])
+            if embedding.tokens[0] > embedder.max_tokens:
+                reason = "too_long"
+            else:
+                for found in await self._index.search(plan.scope, embedding.vectors[0], k):
+                    candidate = await self._store.get(found.key)
+                    live = (candidate is not None and candidate.scope == plan.scope
+                            and candidate.text is not None)
+                    text = candidate.text if candidate is not None else None
+                    neighbours.append(Candidate(
+                        key=found.key, score=found.score, text=text,
+                        above_threshold=found.score >= threshold,
+                        refused_by=check(plan.text, text, guards) if live and text is not None else None,
+                        guards_fired=fired(plan.text, text, ALL_GUARDS) if text is not None else (),
+                        live=live))
+        served_by = None
+        decision = "miss"
+        if exact_hit:
+            decision, served_by = "exact", plan.key
+        else:
+            for near in neighbours:
+                if not near.above_threshold:
+                    break
+                if near.live and near.refused_by is None:
+                    decision, served_by = "semantic", near.key
+                    break
+        return Explanation(scope=plan.scope, key=plan.key, embedder=plan.embedder,
+                           semantic_text=plan.text is not None, reason=reason, exact_hit=exact_hit,
+                           threshold=threshold, neighbours=tuple(neighbours), decision=decision,
+                           served_by=served_by)
 
     async def clear(self) -> int:
         count = await self._store.clear()

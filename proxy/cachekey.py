@@ -9,6 +9,7 @@ or by embedding similarity (the semantic text).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ class Plan:
     lookup: bool
     store: bool
     bypass: str | None       # why lookup/store is off, or why semantic is off (bounded label)
+    embedder: str | None = None  # id of the model that embeds ``text`` (None: the cache's default)
 
 
 def parse_directives(cache_control: str | None, threshold: str | None) -> Directives:
@@ -74,8 +76,9 @@ def effective_threshold(configured: float, directives: Directives) -> float:
 
 
 def _normalise(value: Any) -> Any:
-    # 1 and 1.0 mean the same temperature; JSON encoders disagree, so make them agree.
-    if isinstance(value, float) and value.is_integer():
+    # 1 and 1.0 mean the same temperature; JSON encoders disagree, so make them agree. Only
+    # within 2**53 (exact in a float): 1e20 as an int would not fit the 64 bits orjson encodes
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
         return int(value)
     if isinstance(value, dict):
         return {k: _normalise(v) for k, v in value.items()}
@@ -84,8 +87,18 @@ def _normalise(value: Any) -> Any:
     return value
 
 
+def canonical_json(obj: Any) -> bytes:
+    """Sorted-key JSON; falls back to the stdlib for what orjson refuses (integers past 64 bits
+    are valid JSON and must not turn a request into an error)."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass")
+
+
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
 
 
 def text_of(content: Any) -> str | None:
@@ -107,6 +120,9 @@ def text_of(content: Any) -> str | None:
 
 def script_share(text: str, scripts: frozenset[str]) -> float:
     """Share of the letters in ``text`` that belong to the given scripts (1.0 with no letters)."""
+    if text.isascii():
+        # every ASCII letter is Latin; this spares the per-character loop on most prompts
+        return 1.0 if "latin" in scripts or not any(ch.isalpha() for ch in text) else 0.0
     letters = covered = 0
     for ch in text:
         if not ch.isalpha():
@@ -128,6 +144,41 @@ class Rules:
     scripts: frozenset[str]
     min_script_share: float
     semantic: bool = True
+    #: id of the main embedding model; part of the scope, so vectors of two models never meet
+    #: ("" keeps it out: one model only)
+    embedder: str = ""
+    #: (script, model id, threshold or None): a prompt mostly in that script goes to that model
+    languages: tuple[tuple[str, str, float | None], ...] = ()
+    #: (route, model id, its scripts, threshold or None): that route's main model instead
+    routes: tuple[tuple[str, str, frozenset[str], float | None], ...] = ()
+
+    def embedder_for(self, text: str, route: str) -> tuple[str, float | None] | None:
+        """(model id, its own threshold) for a semantic text, or None when no configured
+        model understands enough of its letters."""
+        for script, model, threshold in self.languages:
+            # a text without letters (digits, code symbols) is no language's: the main model's
+            if (script_share(text, frozenset((script,))) >= self.min_script_share
+                    and any(ch.isalpha() for ch in text)):
+                return model, threshold
+        model, scripts, threshold = self.embedder, self.scripts, None
+        for name, routed, routed_scripts, routed_threshold in self.routes:
+            if name == route:
+                model, scripts, threshold = routed, routed_scripts, routed_threshold
+        if script_share(text, scripts) >= self.min_script_share:
+            return model, threshold
+        return None
+
+    def threshold_for(self, plan: Plan) -> float | None:
+        """The threshold of the model that embeds the plan's text, when it has its own."""
+        if plan.embedder is None:
+            return None
+        for _, model, threshold in self.languages:
+            if model == plan.embedder and threshold is not None:
+                return threshold
+        for _, model, _, threshold in self.routes:
+            if model == plan.embedder and threshold is not None:
+                return threshold
+        return None
 
 
 def plan(body: Mapping[str, Any], *, tenant: str, route: str, directives: Directives,
@@ -137,6 +188,7 @@ def plan(body: Mapping[str, Any], *, tenant: str, route: str, directives: Direct
     params = {k: _normalise(v) for k, v in body.items()
               if k not in DELIVERY_FIELDS and k != turns_field}
     turns = body.get(turns_field)
+    scope_obj: dict[str, Any]
     if route == "chat":
         assert isinstance(turns, list)
         history, last = turns[:-1], dict(turns[-1])
@@ -150,6 +202,12 @@ def plan(body: Mapping[str, Any], *, tenant: str, route: str, directives: Direct
         scope_obj = {"t": tenant, "r": route, "p": params}
         text = turns if isinstance(turns, str) else None
         semantic_off = None if text is not None else "prompt_list"
+    chosen = rules.embedder_for(text, route) if text is not None else None
+    embedder = chosen[0] if chosen is not None and chosen[0] else None
+    if embedder is not None:
+        # a model change (or another model for this language) is another scope: its vectors
+        # are never compared with the other model's
+        scope_obj["e"] = embedder
     scope = _digest(scope_obj)
     key = _digest({"s": scope, "c": content})
 
@@ -164,8 +222,9 @@ def plan(body: Mapping[str, Any], *, tenant: str, route: str, directives: Direct
         lookup, bypass = True, None
     if text is not None and not rules.semantic:
         text, semantic_off = None, "semantic_off"
-    if text is not None and script_share(text, rules.scripts) < rules.min_script_share:
+    if text is not None and chosen is None:
         text, semantic_off = None, "language"
     if text is not None and not text.strip():
         text, semantic_off = None, "empty"
-    return Plan(scope, key, text, lookup=lookup, store=True, bypass=bypass or semantic_off)
+    return Plan(scope, key, text, lookup=lookup, store=True, bypass=bypass or semantic_off,
+                embedder=embedder if text is not None else None)

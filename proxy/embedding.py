@@ -1,9 +1,11 @@
-"""sentence-transformers adapter for the Embedder port.
+"""sentence-transformers adapter for the Embedder port, and the micro-batching all adapters share.
 
 The model runs on one thread that this adapter owns, never on the event loop. Concurrent
 ``embed`` calls are micro-batched without a timer: while one model call runs, whatever arrives
 queues up, and the next call takes all of it (up to ``max_batch`` texts). Under no load a lookup
 costs one model call and no waiting; under load the calls get wider instead of queueing deeper.
+That machinery is :class:`BatchingEmbedder`; an adapter subclasses it and supplies only how to
+load its model and how to encode a list of texts on the model thread (``proxy/embedding_e5.py``).
 
 The ONNX runtime needs an exported graph the packaged model does not ship, so the first start
 exports it once into ``cache_dir/<model name>-onnx`` and later starts load that copy.
@@ -103,8 +105,11 @@ class _Slice:
         return self.stop - self.start
 
 
-class SentenceEmbedder:
-    """Embedder port over sentence-transformers (ONNX Runtime or torch), CPU only."""
+class BatchingEmbedder:
+    """The Embedder port's queueing and micro-batching over one model thread.
+
+    Subclasses implement :meth:`_load_blocking` and :meth:`_encode_blocking`; both run on the
+    model thread, never on the event loop."""
 
     def __init__(self, config: EmbeddingConfig, *, executor: Executor | None = None,
                  on_batch: BatchCallback | None = None, max_queue: int = _DEFAULT_MAX_QUEUE) -> None:
@@ -146,20 +151,28 @@ class SentenceEmbedder:
             if self._model is None:
                 await self._load()
 
+    def _load_blocking(self) -> tuple[Any, int]:
+        """On the model thread: the loaded model and its window in tokens."""
+        raise NotImplementedError
+
+    def _encode_blocking(self, model: Any, texts: list[str]) -> tuple[Vector, list[int]]:
+        """On the model thread: unit vectors and untruncated token counts of ``texts``."""
+        raise NotImplementedError
+
     async def _load(self) -> None:
         if self._closed:
             raise EmbedderClosed("embedder is closed")
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        model = await loop.run_in_executor(self._executor, _load_model, self._config)
-        vectors, _ = await loop.run_in_executor(self._executor, _encode, model, list(_WARM_UP))
+        model, window = await loop.run_in_executor(self._executor, self._load_blocking)
+        vectors, _ = await loop.run_in_executor(self._executor, self._encode_blocking, model,
+                                                list(_WARM_UP))
         if self._closed:
             raise EmbedderClosed("embedder was closed while it started")
         self._dim = int(vectors.shape[1])
-        window = int(model.max_seq_length or self._config.max_tokens)
         # The config may only narrow the window: texts past the model's own would be truncated
         # silently and match anything that shares their first few hundred tokens.
-        self._max_tokens = min(window, self._config.max_tokens)
+        self._max_tokens = min(window or self._config.max_tokens, self._config.max_tokens)
         self._model = model
         self._task = asyncio.create_task(self._run(), name="embedding-batches")
         log.info("embedding model %s ready (%s, dim %d, window %d) in %.1f s", self._config.model,
@@ -249,7 +262,7 @@ class SentenceEmbedder:
         started = time.perf_counter()
         try:
             vectors, tokens = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _encode, self._model, texts)
+                self._executor, self._encode_blocking, self._model, texts)
         except Exception as exc:
             log.warning("embedding a batch of %d texts failed: %r", len(texts), exc)
             for piece in batch:
@@ -279,6 +292,17 @@ class SentenceEmbedder:
         except Exception:
             # Metrics must never take the batch loop down with them.
             log.exception("on_batch callback failed")
+
+
+class SentenceEmbedder(BatchingEmbedder):
+    """Embedder port over sentence-transformers (ONNX Runtime or torch), CPU only."""
+
+    def _load_blocking(self) -> tuple[Any, int]:
+        model = _load_model(self._config)
+        return model, int(model.max_seq_length or self._config.max_tokens)
+
+    def _encode_blocking(self, model: Any, texts: list[str]) -> tuple[Vector, list[int]]:
+        return _encode(model, texts)
 
 
 def _noop() -> None:

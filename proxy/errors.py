@@ -8,7 +8,8 @@
     ├── NotFound                    404 invalid_request_error
     ├── MethodNotAllowed            405 invalid_request_error
     ├── Overloaded                  503 overloaded_error      (carries Retry-After)
-    │   └── RateLimited             429 rate_limit_error      (carries Retry-After)
+    │   ├── RateLimited             429 rate_limit_error      (carries Retry-After)
+    │   └── BackendsUnavailable     503 overloaded_error      (every backend's breaker is open)
     └── BackendFailure              502 upstream_error        (no answer at all from the backend)
         └── BackendTimeout          504 upstream_error
 
@@ -99,6 +100,14 @@ class RateLimited(Overloaded):
     type = "rate_limit_error"
     code = "rate_limited"
     label = "rate_limited"
+
+
+class BackendsUnavailable(Overloaded):
+    """Every backend that serves the model is known to be down (circuit breaker open): the client
+    is told at once when to come back instead of waiting for a call that would fail."""
+
+    code = "backend_unavailable"
+    label = "circuit_open"
 
 
 class BackendFailure(ProxyError):

@@ -101,16 +101,19 @@ class Flight:
             await self._changed.wait()
         return self.outcome
 
-    async def follow(self) -> AsyncIterator[Event]:
-        """Every event from the first, live, until the flight ends."""
+    async def follow(self) -> AsyncIterator[list[Event]]:
+        """Every event from the first, live, until the flight ends; each step yields all the
+        events published since the last one, so a subscriber can write them in one go."""
         sent = 0
         while True:
-            while sent < len(self.events):
-                yield self.events[sent]
-                sent += 1
-            if self.outcome is not None:
+            if sent < len(self.events):
+                fresh = self.events[sent:]
+                sent += len(fresh)
+                yield fresh
+            if self.outcome is not None and sent == len(self.events):
                 return
-            await self._changed.wait()
+            if sent == len(self.events):
+                await self._changed.wait()
 
 
 class FlightTable:

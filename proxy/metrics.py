@@ -59,6 +59,12 @@ class PrometheusMetrics:
         self._guards = Counter(p + "cache_guard_refusals_total",
                                "Semantic candidates above the threshold refused by a guard", ["guard"],
                                registry=registry)
+        self._feedback = Counter(p + "cache_feedback_total",
+                                 "Served answers marked wrong, their entries evicted (explicit: admin "
+                                 "call; retry: a no-cache retry right after a semantic hit)", ["kind"],
+                                 registry=registry)
+        for kind in ("explicit", "retry"):  # both series from the start, so rates work at once
+            self._feedback.labels(kind)
         self._coalesced = Counter(p + "coalesced_requests_total",
                                   "Misses that shared an in-flight backend call", ["kind"],
                                   registry=registry)
@@ -78,6 +84,12 @@ class PrometheusMetrics:
                                 buckets=LATENCY_BUCKETS, registry=registry)
         self._embed_batch = Histogram(p + "embedding_batch_size", "Texts per embedding batch",
                                       buckets=BATCH_BUCKETS, registry=registry)
+        self._batch = Histogram(p + "batch_size", "Requests per flushed batch", ["backend"],
+                                buckets=BATCH_BUCKETS, registry=registry)
+        self._batch_wait = Histogram(p + "batch_wait_seconds", "Time the oldest request of a batch waited",
+                                     ["backend"], buckets=LATENCY_BUCKETS, registry=registry)
+        self._queue = Gauge(p + "queue_depth", "Requests queued per backend (window or free slot)",
+                            ["backend"], registry=registry)
         self._search = Histogram(p + "index_search_seconds", "Vector search time",
                                  buckets=LATENCY_BUCKETS, registry=registry)
 
@@ -122,6 +134,9 @@ class PrometheusMetrics:
     def guard_refusal(self, guard: str) -> None:
         self._guards.labels(guard).inc()
 
+    def feedback(self, kind: str) -> None:
+        self._feedback.labels(kind if kind in ("explicit", "retry") else "other").inc()
+
     def coalesced(self, kind: str) -> None:
         self._coalesced.labels(kind).inc()
 
@@ -145,6 +160,14 @@ class PrometheusMetrics:
 
     def failover(self, backend: str) -> None:
         self._failovers.labels(self._backend_label(backend)).inc()
+
+    def batch(self, backend: str, size: int, wait_s: float) -> None:
+        label = self._backend_label(backend)
+        self._batch.labels(label).observe(size)
+        self._batch_wait.labels(label).observe(wait_s)
+
+    def queue_depth(self, backend: str, n: int) -> None:
+        self._queue.labels(self._backend_label(backend)).set(n)
 
     def embedding_batch(self, size: int, seconds: float) -> None:
         self._embed.observe(seconds)

@@ -10,9 +10,11 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .appkeys import RESULT, STATE
+from .appkeys import CONFIG, RESULT, STATE, TENANT_SECRET
 from .errors import MethodNotAllowed, NotFound, Overloaded, ProxyError
 from .ports import Metrics
+from .ratelimit import RateLimiter
+from .tenancy import identify
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,11 @@ def _from_http(exc: web.HTTPException) -> ProxyError:
     return error
 
 
-def make_middleware(metrics: Metrics) -> Middleware:
+def make_middleware(metrics: Metrics, limiter: RateLimiter | None = None) -> Middleware:
+    """``limiter``: per-tenant token buckets (config ``limits``); the tenant is worked out here
+    from the Authorization header exactly as the handler does (tenancy.identify), so a tenant
+    over its rate gets 429 + Retry-After before its body is read."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
@@ -59,14 +65,22 @@ def make_middleware(metrics: Metrics) -> Middleware:
             if counted:
                 if state.draining:
                     raise Overloaded("The proxy is shutting down.", retry_after=1)
+                if limiter is not None:
+                    app = request.app
+                    caller = identify(request.headers.get("Authorization"), app[CONFIG].tenancy,
+                                      app[TENANT_SECRET])
+                    limiter.check(caller.tenant)
                 if state.in_flight >= state.config.server.max_in_flight:
                     raise Overloaded("Too many requests in flight.", retry_after=1)
                 state.in_flight += 1
+                state.idle.clear()
             try:
                 response = await handler(request)
             finally:
                 if counted:
                     state.in_flight -= 1
+                    if state.in_flight == 0:
+                        state.idle.set()
             status = response.status
             return response
         except ProxyError as exc:

@@ -130,6 +130,51 @@ class EntryStore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """One change to a shared store, as every replica's index must apply it."""
+
+    op: str                        # "put" | "delete" | "clear"
+    scope: str = ""
+    key: str = ""
+    vector: Vector | None = None   # put: the entry's vector; None drops any vector under the key
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    position: str                  # read on from here
+    changes: tuple[Change, ...] = ()
+    reset: bool = False            # changes after the position asked for were lost: rebuild
+
+
+class ChangeFeed(Protocol):
+    """The inserts and deletes of a store shared by several replicas, in order (store/redis.py)."""
+
+    async def position(self) -> str:
+        """Where the feed is now; a rebuild that scans after taking it misses nothing that
+        ``read(position)`` does not bring."""
+        ...
+
+    async def read(self, after: str, *, block_s: float, count: int) -> ChangeBatch:
+        """Changes after ``after``, waiting up to ``block_s`` for the first one."""
+        ...
+
+    def vectors(self, batch: int) -> AsyncIterator[list[tuple[str, str, Vector]]]:
+        """(scope, key, vector) of every live entry that has a vector, in batches."""
+        ...
+
+
+class Leases(Protocol):
+    """Cross-replica single-flight: one replica at a time calls the backend for a key."""
+
+    async def acquire(self, key: str) -> bool:
+        """True: call the backend (this replica holds the lease, kept alive until ``release``,
+        or leases are unavailable); False: another replica holds it."""
+        ...
+
+    async def release(self, key: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     method: str
     path: str                         # e.g. "/v1/chat/completions" (backend base_url is prepended)
@@ -205,9 +250,21 @@ class Metrics(Protocol):
 
     def guard_refusal(self, guard: str) -> None: ...
 
+    def feedback(self, kind: str) -> None:
+        """A served answer was marked wrong and its entry evicted (``explicit`` | ``retry``)."""
+        ...
+
     def backend(self, backend: str, status: int, seconds: float) -> None: ...
 
     def backend_error(self, backend: str, kind: str) -> None: ...
+
+    def batch(self, backend: str, size: int, wait_s: float) -> None:
+        """A batch for ``backend`` was flushed: ``size`` requests, the oldest waited ``wait_s``."""
+        ...
+
+    def queue_depth(self, backend: str, n: int) -> None:
+        """Requests now queued for ``backend`` (in a batch window or waiting for a free slot)."""
+        ...
 
     def backend_state(self, backend: str, state: str) -> None:
         """The backend's circuit breaker is now ``closed`` (up), ``open`` or ``half_open``."""

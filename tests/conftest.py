@@ -20,6 +20,7 @@ from bench.fake_upstream import FakeUpstream
 from proxy.app import Overrides, build_app
 from proxy.config import BackendConfig, Config, EmbeddingConfig
 from proxy.embedding import SentenceEmbedder
+from tests.redis_server import RedisServer
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 T = TypeVar("T")
@@ -72,6 +73,20 @@ def embedder(servers: ServerLoop, tmp_path_factory: pytest.TempPathFactory) -> I
     servers.run(model.start())
     yield model
     servers.run(model.close())
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port for the whole session (tests use their own
+    namespaces); tests that kill or freeze Redis start their own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 ProxyFactory = Callable[..., str]

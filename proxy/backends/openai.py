@@ -41,6 +41,9 @@ class OpenAIBackend:
         self._config = config
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
+        # health probes get their own small pool: a backend whose pool is full of long streams
+        # is busy, not down, and its probe must not queue behind them
+        self._probe_session: aiohttp.ClientSession | None = None
 
     @property
     def name(self) -> str:
@@ -52,11 +55,34 @@ class OpenAIBackend:
         timeout = aiohttp.ClientTimeout(total=None, connect=self._config.connect_timeout_s)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
                                               auto_decompress=True, trust_env=False)
+        self._probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2),
+                                                    trust_env=False)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._probe_session is not None:
+            await self._probe_session.close()
+            self._probe_session = None
+
+    async def health(self, timeout_s: float) -> bool:
+        """GET the backend's own health path (``health_path``; /health for vLLM and llama.cpp,
+        /v1/models for OpenAI-type APIs). Up means any HTTP answer below 500 within the time:
+        a 401 from an API probed without a key still proves it is reachable and serving."""
+        path = self._config.health_url_path()
+        if self._probe_session is None or path is None:
+            return False
+        headers = {}
+        if self._api_key is not None:
+            headers["Authorization"] = "Bearer " + self._api_key.get_secret_value()
+        try:
+            async with asyncio.timeout(timeout_s), self._probe_session.get(
+                    self._config.base_url + path, headers=headers, allow_redirects=False) as resp:
+                await resp.read()
+                return resp.status < 500
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
 
     def _headers(self, request: UpstreamRequest) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_REQUEST}

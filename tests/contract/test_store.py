@@ -6,6 +6,7 @@ because ``get`` would reorder the LRU).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from proxy.ports import Clock, Entry, EntryStore, Vector
 from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
 
 DIM = 8
 T0 = 1_700_000_000.0
@@ -41,7 +43,16 @@ async def _memory_store(clock: Clock, max_entries: int, max_bytes: int) -> Entry
     return MemoryStore(max_entries=max_entries, max_bytes=max_bytes, clock=clock, dim=DIM)
 
 
-FACTORIES = [pytest.param(_memory_store, id="memory")]
+def _redis_store(url: str) -> StoreFactory:
+    """A RedisStore on the session's real redis-server, in a namespace of its own."""
+    async def make(clock: Clock, max_entries: int, max_bytes: int) -> EntryStore:
+        return RedisStore(url=url, namespace=f"test-{uuid.uuid4().hex[:12]}", clock=clock,
+                          max_entries=max_entries, max_bytes=max_bytes, dim=DIM)
+    return make
+
+
+#: a factory, or the name of a fixture-needing maker (resolved in make_store)
+FACTORIES = [pytest.param(_memory_store, id="memory"), pytest.param("redis", id="redis")]
 
 
 @pytest.fixture
@@ -52,6 +63,8 @@ def clock() -> FakeClock:
 @pytest.fixture(params=FACTORIES)
 async def make_store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[MakeStore]:
     factory: StoreFactory = request.param
+    if request.param == "redis":
+        factory = _redis_store(request.getfixturevalue("redis_url"))
     made: list[EntryStore] = []
 
     async def make(max_entries: int = 1000, max_bytes: int = 64 * 1024 * 1024) -> EntryStore:
