@@ -334,8 +334,11 @@ class _Accumulator(Generic[_C]):
             for key in _HEAD_KEYS:
                 if key in chunk and (chunk[key] is not None or key not in self._head):
                     self._head[key] = chunk[key]
-            if chunk.get("usage") is not None:
-                self.usage = dict(chunk["usage"])
+            usage = chunk.get("usage")
+            if usage is not None:
+                if not isinstance(usage, Mapping):
+                    raise TypeError("usage is not an object")
+                self.usage = dict(usage)
             for choice in chunk.get("choices") or ():
                 index = _index(choice.get("index"), 0)
                 if index not in self._choices:

@@ -187,9 +187,17 @@ class MemoryStore:
     async def start(self) -> None:
         """Load the snapshot (if any) and start the periodic snapshot task."""
         if self._path is not None:
+            self._remove_stale_temp_files()
             await self._load()
             if self._task is None:
                 self._task = asyncio.create_task(self._snapshot_loop(), name="memory-store-snapshot")
+
+    def _remove_stale_temp_files(self) -> None:
+        # a process killed mid-write leaves its temp file; each crash would leave another
+        assert self._path is not None
+        for stale in self._path.parent.glob(f".{self._path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
     async def close(self) -> None:
         """Stop the periodic task and write a final snapshot if anything changed. Idempotent."""

@@ -112,9 +112,6 @@ def test_a_corrupt_snapshot_is_moved_aside_and_the_store_starts_empty(tmp_path: 
     assert (tmp_path / (SNAPSHOT_NAME + ".corrupt")).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/store/memory.py: a SIGKILL during a write leaves "
-                   ".cache.snapshot.*.tmp behind and nothing removes it, so every crash can leave "
-                   "another snapshot-sized file in data_dir; fix: unlink stale temp files in start()")
 def test_temp_files_of_killed_writes_are_cleaned_up_on_start(tmp_path: Path) -> None:
     import asyncio
 
