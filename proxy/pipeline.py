@@ -180,7 +180,11 @@ class Pipeline:
         assert self._cache is not None
         served_by = self._recent.take(the_plan.key, self._clock.monotonic(), window_s)
         if served_by is not None:
-            await self._cache.feedback(served_by, "retry")
+            try:
+                await self._cache.feedback(served_by, "retry")
+            except Exception as exc:  # a store that is away must not fail the retry itself
+                self._metrics.cache_error("feedback")
+                log.warning("retry feedback failed: %s", type(exc).__name__)
 
     def plan_for(self, req: ApiRequest) -> tuple[Plan, float]:
         """The plan and threshold a request gets (for the admin calls; no directives)."""

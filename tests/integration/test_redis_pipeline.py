@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
+from tests.redis_server import RedisServer
 
 ENV = {"SEMCACHE_TENANT_SECRET": "pipeline-test-secret"}
 
@@ -81,3 +83,32 @@ async def test_without_contention_each_replica_calls_for_its_own_question(pair: 
 
         statuses = await asyncio.gather(ask(a, f"One {uuid.uuid4().hex}"), ask(b, f"Two {uuid.uuid4().hex}"))
     assert statuses == [200, 200] and slow.calls == calls + 2
+
+
+async def test_a_no_cache_retry_succeeds_with_redis_gone(make_proxy: Any, tmp_path: Path) -> None:
+    """The retry feedback deletes the entry that served the first try; with Redis gone by then
+    that delete fails, and the retry must still be answered."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        url = make_proxy(ENV, cache={"threshold": 0.95},
+                         store={"type": "redis", "url": server.url, "namespace": "retry"})
+        headers = {"Authorization": "Bearer sk-retry"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async def ask(question: str, **extra: str) -> tuple[int, str]:
+                async with session.post(url + "/v1/chat/completions", json=_body(question),
+                                        headers=extra) as resp:
+                    await resp.read()
+                    return resp.status, resp.headers.get("x-semcache", "")
+
+            assert await ask("What is the capital city of France?") == (200, "miss")
+            for _ in range(50):  # stored after the answer went out
+                if (await ask("Which city is the capital of France?"))[1] == "semantic":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("no semantic hit")
+            server.kill()
+            status, _ = await ask("Which city is the capital of France?", **{"Cache-Control": "no-cache"})
+            assert status == 200
+    finally:
+        server.kill()
