@@ -59,7 +59,9 @@ async def test_200_identical_concurrent_requests_make_one_call(proxy: str,
     texts = {text for text, _ in results}
     assert len(texts) == 1 and question in texts.pop()
     states = [state for _, state in results]
-    assert states.count("miss") == 1 and states.count("coalesced") == 199
+    # one leader; the others joined its call, or (arriving as it finished) read its stored answer
+    assert states.count("miss") == 1
+    assert set(states) <= {"miss", "coalesced", "exact"}, states
 
 
 async def test_stream_followers_get_chunks_live(proxy: str, slow_upstream: FakeUpstream) -> None:

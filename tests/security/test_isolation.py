@@ -323,7 +323,7 @@ async def _oracle_run(url: str, prime: bool) -> tuple[list[Answer], list[Answer]
             path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
             seen.append(await ask(session, url, {"model": MODEL, **body},
                                   {"Authorization": BRAVO, "User-Agent": "bravo", **headers}, path=path))
-            await asyncio.sleep(0.05)   # each answer stored before the next probe
+            await asyncio.sleep(0.3)   # each answer stored before the next probe
         seen.append(await ask(session, url, {"model": MODEL, "messages": "not a list"},
                               {"Authorization": BRAVO}))
     return primed, seen
