@@ -33,6 +33,7 @@ import numpy as np
 
 from proxy.config import EmbeddingConfig
 from proxy.ports import Embedding, Vector
+from proxy.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +207,8 @@ class BatchingEmbedder:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         for piece in (*self._in_flight, *self._queue):
             if not piece.job.future.done():
                 piece.job.future.set_exception(EmbedderClosed("embedder closed before the text was embedded"))

@@ -27,6 +27,8 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
+from proxy.tasks import stop_task
+
 from .accounting import PriceTable
 from .config import Config
 
@@ -221,11 +223,8 @@ class EnergyMeter:
         self._task = asyncio.create_task(self._run(), name="energy-sampler")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         closer = getattr(self._reader, "close", None)
         if callable(closer):
             closer()

@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 
 from proxy.ports import Clock, Entry, StoreStats
+from proxy.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +205,8 @@ class MemoryStore:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._path is not None and self.dirty:
             try:
                 await self.save_snapshot()

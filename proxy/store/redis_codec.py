@@ -5,7 +5,6 @@ adapter adds to its time budgets. Anything unreadable decodes to None: a miss, n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 import orjson
 
 from proxy.ports import Entry, Vector
+from proxy.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,8 @@ class LoopLag:
             self._task = asyncio.create_task(self._run(), name="redis-loop-lag")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
