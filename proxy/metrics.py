@@ -5,6 +5,8 @@ Base units (seconds, tokens); every label value comes from a fixed set or from c
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .accounting import Account
@@ -18,6 +20,24 @@ _BREAKER_STATES = ("closed", "open", "half_open")
 _ROUTES = frozenset({"chat", "completions", "models", "passthrough", "admin", "other"})
 
 
+class _Family:
+    """A labelled metric whose children are looked up once: ``MetricWrapperBase.labels``
+    validates and locks on every call, a few microseconds that show on the hit path. The label
+    values are bounded (fixed sets or configuration), so the dict is too."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 def _status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
@@ -27,69 +47,73 @@ class PrometheusMetrics:
         self.registry = registry
         self._backends = frozenset(backends)
         p = "semcache_"
-        self._requests = Counter(p + "requests_total", "HTTP requests served",
-                                 ["route", "status_class"], registry=registry)
-        self._duration = Histogram(p + "request_duration_seconds", "Time to the full response",
-                                   ["route", "result"], buckets=LATENCY_BUCKETS, registry=registry)
-        self._lookups = Counter(p + "cache_lookups_total", "Cache lookups by result",
-                                ["result"], registry=registry)
-        self._bypass = Counter(p + "cache_bypass_total", "Requests (partly) bypassing the cache",
-                               ["reason"], registry=registry)
-        self._similarity = Histogram(p + "cache_similarity", "Best similarity found per semantic lookup",
-                                     ["outcome"], buckets=SIMILARITY_BUCKETS, registry=registry)
-        self._ttft = Histogram(p + "time_to_first_token_seconds", "Time to the first streamed event",
-                               ["result"], buckets=LATENCY_BUCKETS, registry=registry)
-        self._tokens = Counter(p + "tokens_total", "Tokens spent (backend) and saved (cache)",
-                               ["kind", "source"], registry=registry)
-        self._usd = Counter(p + "cost_usd_total", "USD at the model's token prices: spent or saved",
-                            ["source"], registry=registry)
-        self._unpriced = Counter(p + "unpriced_answers_total",
+        self._requests = _Family(Counter(p + "requests_total", "HTTP requests served",
+                                 ["route", "status_class"], registry=registry))
+        self._duration = _Family(Histogram(p + "request_duration_seconds", "Time to the full response",
+                                   ["route", "result"], buckets=LATENCY_BUCKETS, registry=registry))
+        self._lookups = _Family(Counter(p + "cache_lookups_total", "Cache lookups by result",
+                                ["result"], registry=registry))
+        self._bypass = _Family(Counter(p + "cache_bypass_total", "Requests (partly) bypassing the cache",
+                               ["reason"], registry=registry))
+        self._similarity = _Family(Histogram(
+            p + "cache_similarity", "Best similarity found per semantic lookup",
+                                     ["outcome"], buckets=SIMILARITY_BUCKETS, registry=registry))
+        self._ttft = _Family(Histogram(p + "time_to_first_token_seconds", "Time to the first streamed event",
+                               ["result"], buckets=LATENCY_BUCKETS, registry=registry))
+        self._tokens = _Family(Counter(p + "tokens_total", "Tokens spent (backend) and saved (cache)",
+                               ["kind", "source"], registry=registry))
+        self._usd = _Family(Counter(p + "cost_usd_total", "USD at the model's token prices: spent or saved",
+                            ["source"], registry=registry))
+        self._unpriced = _Family(Counter(p + "unpriced_answers_total",
                                  "Answers whose model has no price in prices.yaml", ["source"],
-                                 registry=registry)
-        self._joules = Counter(p + "energy_joules_total", "Estimated or measured energy, PUE included",
-                               ["source", "method"], registry=registry)
-        self._co2 = Counter(p + "co2_grams_total", "Grams CO2e of that energy", ["source"],
-                            registry=registry)
-        self._cache_errors = Counter(p + "cache_errors_total", "Cache faults turned into misses",
-                                     ["operation"], registry=registry)
+                                 registry=registry))
+        self._joules = _Family(Counter(
+            p + "energy_joules_total", "Estimated or measured energy, PUE included",
+                               ["source", "method"], registry=registry))
+        self._co2 = _Family(Counter(p + "co2_grams_total", "Grams CO2e of that energy", ["source"],
+                            registry=registry))
+        self._cache_errors = _Family(Counter(p + "cache_errors_total", "Cache faults turned into misses",
+                                     ["operation"], registry=registry))
         self._entries = Gauge(p + "cache_entries", "Entries in the cache", registry=registry)
         self._bytes = Gauge(p + "cache_bytes", "Bytes held by the cache", registry=registry)
-        self._stored = Counter(p + "cache_store_total", "Answers offered to the cache by outcome",
-                               ["outcome"], registry=registry)
-        self._guards = Counter(p + "cache_guard_refusals_total",
+        self._stored = _Family(Counter(p + "cache_store_total", "Answers offered to the cache by outcome",
+                               ["outcome"], registry=registry))
+        self._guards = _Family(Counter(p + "cache_guard_refusals_total",
                                "Semantic candidates above the threshold refused by a guard", ["guard"],
-                               registry=registry)
-        self._feedback = Counter(p + "cache_feedback_total",
+                               registry=registry))
+        self._feedback = _Family(Counter(p + "cache_feedback_total",
                                  "Served answers marked wrong, their entries evicted (explicit: admin "
                                  "call; retry: a no-cache retry right after a semantic hit)", ["kind"],
-                                 registry=registry)
+                                 registry=registry))
         for kind in ("explicit", "retry"):  # both series from the start, so rates work at once
             self._feedback.labels(kind)
-        self._coalesced = Counter(p + "coalesced_requests_total",
+        self._coalesced = _Family(Counter(p + "coalesced_requests_total",
                                   "Misses that shared an in-flight backend call", ["kind"],
-                                  registry=registry)
-        self._backend = Histogram(p + "backend_request_duration_seconds", "Backend time to headers",
-                                  ["backend", "status_class"], buckets=LATENCY_BUCKETS, registry=registry)
-        self._backend_errors = Counter(p + "backend_errors_total", "Backend calls that got no answer",
-                                       ["backend", "kind"], registry=registry)
+                                  registry=registry))
+        self._backend = _Family(Histogram(p + "backend_request_duration_seconds", "Backend time to headers",
+                                  ["backend", "status_class"], buckets=LATENCY_BUCKETS, registry=registry))
+        self._backend_errors = _Family(Counter(p + "backend_errors_total", "Backend calls that got no answer",
+                                       ["backend", "kind"], registry=registry))
         self._backend_up = Gauge(p + "backend_up", "1 when the backend's circuit breaker is closed",
                                  ["backend"], registry=registry)
         self._breaker = Gauge(p + "backend_breaker_state", "Circuit breaker state, one-hot",
                               ["backend", "state"], registry=registry)
-        self._retries = Counter(p + "retries_total", "Backend attempts tried again before the first byte",
-                                ["backend", "reason"], registry=registry)
-        self._failovers = Counter(p + "failovers_total", "Requests that moved on from this backend",
-                                  ["backend"], registry=registry)
+        self._retries = _Family(Counter(
+            p + "retries_total", "Backend attempts tried again before the first byte",
+                                ["backend", "reason"], registry=registry))
+        self._failovers = _Family(Counter(p + "failovers_total", "Requests that moved on from this backend",
+                                  ["backend"], registry=registry))
         self._embed = Histogram(p + "embedding_duration_seconds", "Model time per embedding batch",
                                 buckets=LATENCY_BUCKETS, registry=registry)
         self._embed_batch = Histogram(p + "embedding_batch_size", "Texts per embedding batch",
                                       buckets=BATCH_BUCKETS, registry=registry)
-        self._batch = Histogram(p + "batch_size", "Requests per flushed batch", ["backend"],
-                                buckets=BATCH_BUCKETS, registry=registry)
-        self._batch_wait = Histogram(p + "batch_wait_seconds", "Time the oldest request of a batch waited",
-                                     ["backend"], buckets=LATENCY_BUCKETS, registry=registry)
-        self._queue = Gauge(p + "queue_depth", "Requests queued per backend (window or free slot)",
-                            ["backend"], registry=registry)
+        self._batch = _Family(Histogram(p + "batch_size", "Requests per flushed batch", ["backend"],
+                                buckets=BATCH_BUCKETS, registry=registry))
+        self._batch_wait = _Family(Histogram(
+            p + "batch_wait_seconds", "Time the oldest request of a batch waited",
+                                     ["backend"], buckets=LATENCY_BUCKETS, registry=registry))
+        self._queue = _Family(Gauge(p + "queue_depth", "Requests queued per backend (window or free slot)",
+                            ["backend"], registry=registry))
         self._search = Histogram(p + "index_search_seconds", "Vector search time",
                                  buckets=LATENCY_BUCKETS, registry=registry)
 
