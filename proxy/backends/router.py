@@ -48,6 +48,7 @@ StateListener = Callable[[str, str, str], None]
 Sleep = Callable[[float], Awaitable[None]]
 SETTLE_TIMEOUT_S = 5.0         # reading the body of a streamed error answer that will be retried
 SETTLE_MAX_BYTES = 64 * 1024
+_ROUTE_MEMO = 1024              # model names remembered with their backends
 WAKE_SLACK_S = 0.01            # look at an open breaker this long after its cool-down ends
 
 
@@ -117,13 +118,21 @@ class Router:
         self._sleep = sleep
         self._on_state = on_state
         self._health_task: asyncio.Task[None] | None = None
+        self._routes: dict[str, tuple[Member, ...]] = {}
 
     # -- the Backend port, per request ------------------------------------------------------
 
     def route(self, model: str) -> Route:
-        names = self._select(model)
-        members = [self._members[name] for name in names if name in self._members]
-        return Route(self, members or self._order[:1])
+        members = self._routes.get(model)
+        if members is None:
+            # pattern matching per request showed in the hit path's profile; model names come
+            # from clients, so the memo is bounded
+            if len(self._routes) >= _ROUTE_MEMO:
+                self._routes.clear()
+            names = self._select(model)
+            chosen = tuple(self._members[name] for name in names if name in self._members)
+            members = self._routes[model] = chosen or self._order[:1]
+        return Route(self, members)
 
     async def send_via(self, route: Route, request: UpstreamRequest) -> UpstreamResponse:
         last: _Failed | None = None
