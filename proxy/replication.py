@@ -106,6 +106,8 @@ class IndexFollower:
                     self._attempted.set()
                     self._set_status("following")
                 await self._follow()
+                # also after an outage that did not cost the feed position (no rebuild)
+                self._set_status("following")
                 delay, failures = self._settings.backoff_s, 0
             except asyncio.CancelledError:
                 raise

@@ -183,6 +183,23 @@ async def test_redis_frozen_mid_load(lab: Lab) -> None:
     assert await recovered(lab) < BREAKER_OPEN_S + 5
 
 
+async def test_readiness_comes_back_after_an_outage_that_keeps_the_feed(lab: Lab) -> None:
+    # frozen past the follower's time budget (background_timeout_s, 5 s): its read fails, but
+    # the stream keeps its place, so it resumes without a rebuild; readiness must say so
+    await asyncio.to_thread(lab.redis.freeze)
+    try:
+        deadline = time.monotonic() + 20
+        while "unavailable" not in (await asyncio.to_thread(_readyz, lab)).get("cache.index", ""):
+            assert time.monotonic() < deadline, "the follower never noticed the frozen Redis"
+            await asyncio.sleep(0.5)
+    finally:
+        await asyncio.to_thread(lab.redis.thaw)
+    deadline = time.monotonic() + 30
+    while (ready := await asyncio.to_thread(_readyz, lab)).get("cache.index") != "following":
+        assert time.monotonic() < deadline, ready
+        await asyncio.sleep(0.5)
+
+
 def _slow(server: RedisServer, seconds: float) -> Action:
     def run() -> None:
         client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
