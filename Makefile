@@ -13,7 +13,8 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run test lint unit install install-test bench clean demo test-tools quality bench-redis fuzz soak
+.PHONY: run test lint unit install install-test bench clean demo test-tools quality bench-redis fuzz soak \
+	bench-peer bench-replicas
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -81,11 +82,21 @@ quality: install-test
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-# the benchmark suite over loopback (fake upstream, proxy, load generator); bounded in time.
-# `make bench BENCH_ARGS=` for the full run (about 10 minutes); results: docs/benchmarks.md
+# the benchmark suite over loopback (fake upstream, proxy, load generator, and LiteLLM's proxy as
+# the peer when `make bench-peer` has installed it; skipped with a message otherwise); bounded in
+# time. `make bench BENCH_ARGS=` for the full run; results and durations: docs/benchmarks.md
 BENCH_ARGS ?= --quick
 bench: install-test
-	$(PY) -m bench.run_bench $(BENCH_ARGS)
+	$(PY) -m bench.run_bench --peer litellm $(BENCH_ARGS)
+
+# LiteLLM's proxy, the peer, in its own virtualenv bench/.venv-litellm (git-ignored; never in
+# .venv or constraints.txt); the pinned version and why: bench/peer_litellm.py
+bench-peer: install
+	$(PY) -m bench.peer_litellm --install
+
+# 1 vs 2 proxy processes sharing one Redis, and Redis commands per request (bench/replica_bench.py)
+bench-replicas: install-test
+	$(PY) -m bench.replica_bench
 
 # Redis store vs in-process store, and the index rebuild for 100k entries (docs/benchmarks.md,
 # "Redis store"); about 5 minutes on 2 cores

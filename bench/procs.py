@@ -4,6 +4,9 @@ Linux only (``/proc``). CPU time is ``utime + stime`` of ``/proc/<pid>/stat``, w
 thread of the process, also threads that have ended. Peak RSS is ``VmHWM`` of
 ``/proc/<pid>/status``; ``reset_peak_rss`` writes 5 to ``/proc/<pid>/clear_refs`` so each scenario
 gets its own peak (Linux >= 4.0; where that is refused the peak is the process's lifetime peak).
+A ``Service`` started with ``tree=True`` (a server that may fork workers, such as LiteLLM's proxy)
+counts its whole process tree: the CPU of every live descendant plus what reaped children left in
+the root's ``cutime``/``cstime``, and the sum of their peak RSS.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def bench_env() -> dict[str, str]:
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONUNBUFFERED="1")
     env.pop("SEMCACHE_ADMIN_TOKEN", None)
+    env.pop("SEMCACHE_METRICS_TOKEN", None)   # the harness reads /metrics without one
     return env
 
 
@@ -71,12 +75,14 @@ def get_json(url: str) -> Any:
 class Service:
     """A long-running child process (fake upstream or proxy) with its log in ``log_dir``."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, *, env: dict[str, str] | None = None,
+                 tree: bool = False) -> None:
         self.name = name
+        self.tree = tree
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=bench_env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env if env is not None else bench_env(),
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -100,13 +106,34 @@ class Service:
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
+    def pids(self) -> list[int]:
+        """This process and, with ``tree``, every live descendant."""
+        if not self.tree:
+            return [self.pid]
+        parent_of: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    parent_of[int(entry)] = int(_stat_fields(int(entry))[1])
+        found, frontier = [self.pid], [self.pid]
+        while frontier:
+            children = [pid for pid, ppid in parent_of.items() if ppid in frontier]
+            found += children
+            frontier = children
+        return found
+
     def cpu_s(self) -> float:
-        """User + system CPU seconds of the whole process so far."""
-        with open(f"/proc/{self.pid}/stat", encoding="ascii") as handle:
-            stat = handle.read()
-        fields = stat[stat.rindex(")") + 2:].split()
-        # fields[0] is field 3 (state); utime and stime are fields 14 and 15
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """User + system CPU seconds of the whole process (with ``tree``: process tree) so far."""
+        fields = _stat_fields(self.pid)
+        # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14 to 17
+        total = int(fields[11]) + int(fields[12])
+        if self.tree:
+            total += int(fields[13]) + int(fields[14])
+            for pid in self.pids()[1:]:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    child = _stat_fields(pid)
+                    total += int(child[11]) + int(child[12])
+        return total / CLK_TCK
 
     def wait_idle(self, window: float = 0.5, max_share: float = 0.05, timeout: float = 60.0) -> float:
         """Wait until the process uses under ``max_share`` of a core over ``window`` seconds (work
@@ -120,11 +147,14 @@ class Service:
                 return time.monotonic() - started - window
 
     def _status_kib(self, key: str) -> int:
-        with open(f"/proc/{self.pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return 0
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+                        break
+        return total
 
     def rss_mib(self) -> float:
         return self._status_kib("VmRSS") / 1024
@@ -133,12 +163,14 @@ class Service:
         return self._status_kib("VmHWM") / 1024
 
     def reset_peak_rss(self) -> bool:
-        try:
-            with open(f"/proc/{self.pid}/clear_refs", "w", encoding="ascii") as handle:
-                handle.write("5")
-            return True
-        except OSError:
-            return False
+        done = True
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as handle:
+                    handle.write("5")
+            except OSError:
+                done = False
+        return done
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -151,6 +183,13 @@ class Service:
         self._log.close()
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (the command name may hold spaces)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+        stat = handle.read()
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def start_upstream(log_dir: Path, port: int) -> Service:
     svc = Service("fake_upstream", [sys.executable, "-m", "bench.fake_upstream", "--port", str(port),
                                     "--latency-ms", "0"], log_dir)
@@ -158,5 +197,12 @@ def start_upstream(log_dir: Path, port: int) -> Service:
     return svc
 
 
-def start_proxy(name: str, config_path: Path, log_dir: Path) -> Service:
-    return Service(name, [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)], log_dir)
+def start_proxy(name: str, config_path: Path, log_dir: Path, env: dict[str, str] | None = None) -> Service:
+    return Service(name, [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)], log_dir,
+                   env=env)
+
+
+def pid_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of any process (one not started through ``Service``)."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK

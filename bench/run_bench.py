@@ -1,16 +1,19 @@
-"""Direct vs proxy benchmark on loopback: miss, exact-hit, semantic-hit and streaming paths.
+"""Direct vs proxy (vs LiteLLM's proxy) on loopback: miss, exact-hit, semantic-hit and streaming paths.
 
-    OMP_NUM_THREADS=1 python -m bench.run_bench --quick          # ~2 minutes
-    OMP_NUM_THREADS=1 python -m bench.run_bench                  # ~8 minutes
-    OMP_NUM_THREADS=1 python -m bench.run_bench --profile /tmp/prof   # + py-spy profiles of the hit paths
+    OMP_NUM_THREADS=1 python -m bench.run_bench --quick                  # make bench (durations:
+    OMP_NUM_THREADS=1 python -m bench.run_bench --peer litellm           #   docs/benchmarks.md)
+    OMP_NUM_THREADS=1 python -m bench.run_bench --profile /tmp/prof      # + py-spy profiles of the hit paths
 
 Starts the fake upstream (0 ms latency) and two proxies (``bench/configs/cache_off.yaml`` and
-``cache_on.yaml``) as subprocesses on free loopback ports, then runs every scenario ``--reps``
-times, each run in a fresh ``bench.loadgen`` process. Per run it records req/s, p50, p99 (and time
-to first byte for streams), the CPU time per request of the proxy, the upstream and the client
-(from /proc utime+stime around the measured part only) and the proxy's peak RSS. Direct runs
-(client -> upstream) are made in every repetition, so each proxy figure has a direct figure from
-the same moment; the tables show medians over the repetitions, ratios are medians of per-run ratios.
+``cache_on.yaml``) as subprocesses on free loopback ports, and with ``--peer litellm`` two LiteLLM
+proxies (caching off; its local cache) from their own virtualenv (``bench/peer_litellm.py``), then
+runs every scenario ``--reps`` times, each run in a fresh ``bench.loadgen`` process, at c=1 and
+c=32, plain and streamed. Per run it records req/s, p50, p99 (and for streams time to first byte
+and to the first content delta), the CPU time per request of the proxy (LiteLLM: its process
+tree), the upstream and the client (from /proc utime+stime around the measured part only) and the
+proxy's peak RSS. Direct runs (client -> upstream) are made in every repetition, so each proxy
+figure has a direct figure (and a peer figure) from the same moment; the tables
+(``bench/bench_report.py``) show medians over the repetitions, ratios are medians of per-run ratios.
 Markdown goes to stdout, the full figures to ``bench/results/bench-<time>.json``.
 """
 
@@ -20,7 +23,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -36,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from bench import peer_litellm
+from bench.bench_report import aggregate, fmt, machine_info, markdown, print_profile
 from bench.procs import (
     ROOT,
     Service,
@@ -52,20 +56,24 @@ HERE = Path(__file__).resolve().parent
 PAIRS = HERE / "data" / "semantic_pairs.json.gz"
 MODEL = "deepseek-chat"
 CHAT = "/v1/chat/completions"
+# LiteLLM says nothing like x-semcache; its answers from the cache carry their cache key
+PEER_HIT_HEADER = "x-litellm-cache-key"
+SEED_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
 class Scenario:
     key: str
     label: str
-    target: str            # direct | off | on
+    target: str            # direct | off | on | peer-off | peer-on
     c: int
     stream: bool = False
     kind: str = "unique"   # unique | exact | exact-long | paraphrase
     expect: str = "none"   # the x-semcache value every answer should carry
 
 
-def scenarios() -> list[Scenario]:
+def scenarios(peer: bool = False) -> list[Scenario]:
+    """Every path at c=1 and c=32, plain and streamed; the peer's runs when ``peer``."""
     out: list[Scenario] = []
     for c in (1, 32):
         out += [
@@ -79,41 +87,34 @@ def scenarios() -> list[Scenario]:
             Scenario("semantic-hit", "proxy, semantic hit", "on", c, kind="paraphrase",
                      expect="semantic"),
         ]
-    out += [
-        Scenario("direct-stream", "direct, streamed", "direct", 1, stream=True),
-        Scenario("off-stream", "proxy, cache off, streamed miss", "off", 1, stream=True, expect="bypass"),
-        Scenario("on-stream-miss", "proxy, cache on, streamed miss", "on", 1, stream=True, expect="miss"),
-        Scenario("exact-stream-hit", "proxy, streamed exact hit", "on", 1, stream=True, kind="exact",
-                 expect="exact"),
-        Scenario("semantic-stream-hit", "proxy, streamed semantic hit", "on", 1, stream=True,
-                 kind="paraphrase", expect="semantic"),
-    ]
+        if peer:
+            out += [
+                Scenario("peer-off-miss", "LiteLLM, cache off (miss)", "peer-off", c, expect="miss"),
+                Scenario("peer-on-miss", "LiteLLM, local cache on, unique (miss)", "peer-on", c,
+                         expect="miss"),
+                Scenario("peer-exact-hit", "LiteLLM, local cache, exact hit", "peer-on", c, kind="exact",
+                         expect="exact"),
+            ]
+    for c in (1, 32):
+        out += [
+            Scenario("direct-stream", "direct, streamed", "direct", c, stream=True),
+            Scenario("off-stream", "proxy, cache off, streamed miss", "off", c, stream=True,
+                     expect="bypass"),
+            Scenario("on-stream-miss", "proxy, cache on, streamed miss", "on", c, stream=True,
+                     expect="miss"),
+            Scenario("exact-stream-hit", "proxy, streamed exact hit", "on", c, stream=True,
+                     kind="exact", expect="exact"),
+            Scenario("semantic-stream-hit", "proxy, streamed semantic hit", "on", c, stream=True,
+                     kind="paraphrase", expect="semantic"),
+        ]
+        if peer:
+            out += [
+                Scenario("peer-off-stream", "LiteLLM, cache off, streamed miss", "peer-off", c,
+                         stream=True, expect="miss"),
+                Scenario("peer-exact-stream-hit", "LiteLLM, local cache, streamed exact hit", "peer-on", c,
+                         stream=True, kind="exact", expect="exact"),
+            ]
     return out
-
-
-@dataclass(frozen=True)
-class Goal:
-    metric: str
-    op: str                # "<=" | ">="
-    value: float
-    text: str
-
-    def met(self, value: float | None) -> bool | None:
-        if value is None:
-            return None
-        return value <= self.value if self.op == "<=" else value >= self.value
-
-
-GOALS: dict[tuple[str, int], Goal] = {
-    ("off-miss", 1): Goal("proxy_cpu_ms", "<=", 0.5, "CPU <= 0.5 ms/req"),
-    ("off-miss", 32): Goal("proxy_cpu_ms", "<=", 0.5, "CPU <= 0.5 ms/req"),
-    ("exact-hit", 1): Goal("proxy_cpu_ms", "<=", 0.3, "CPU <= 0.3 ms/req"),
-    ("exact-hit", 32): Goal("proxy_cpu_ms", "<=", 0.3, "CPU <= 0.3 ms/req"),
-    ("exact-hit-long", 1): Goal("proxy_cpu_ms", "<=", 0.3, "CPU <= 0.3 ms/req"),
-    ("exact-hit-long", 32): Goal("proxy_cpu_ms", "<=", 0.3, "CPU <= 0.3 ms/req"),
-    ("semantic-hit", 1): Goal("p50_ms", "<=", 10.0, "p50 <= 10 ms"),
-    ("semantic-hit", 32): Goal("rps", ">=", 300.0, ">= 300 req/s"),
-}
 
 
 @dataclass
@@ -133,7 +134,8 @@ class Sizes:
 
 
 QUICK = Sizes(reps=2, n1=500, n32=1000, nstream=150, seeds=300, seeds32=300, max_seconds=5)
-FULL = Sizes(reps=5, n1=1000, n32=3000, nstream=400, seeds=1000, seeds32=600, max_seconds=10)
+# 3 repetitions (5 before the peer and the c=32 streams were added) keep the full run near 15 min
+FULL = Sizes(reps=3, n1=1000, n32=3000, nstream=400, seeds=1000, seeds32=600, max_seconds=10)
 
 
 # -- workload -------------------------------------------------------------------------------------
@@ -243,6 +245,7 @@ def summarise(sc: Scenario, raw: dict[str, Any]) -> dict[str, Any]:
         "n": n, "wall_s": raw["wall_s"], "rps": n / raw["wall_s"] if raw["wall_s"] else None,
         "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "mean_ms": statistics.fmean(lat) if n else None,
         "ttfb_p50_ms": pct(raw["ttfb_ms"], 0.5), "ttfb_p99_ms": pct(raw["ttfb_ms"], 0.99),
+        "ttft_p50_ms": pct(raw.get("ttft_ms", []), 0.5), "ttft_p99_ms": pct(raw.get("ttft_ms", []), 0.99),
         "client_cpu_ms": per_req(raw["client_cpu_s"]),
         "upstream_cpu_ms": per_req(raw["cpu_s"].get("upstream", 0.0)),
         "proxy_cpu_ms": per_req(raw["cpu_s"]["proxy"]) if "proxy" in raw["cpu_s"] else None,
@@ -269,6 +272,7 @@ class Bench:
     urls: dict[str, str] = field(default_factory=dict)
     prompts: Prompts | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    peer: bool = False
 
     def start(self) -> None:
         up_port = free_port()
@@ -287,6 +291,16 @@ class Bench:
             took = svc.wait_ready(self.urls[target] + "/readyz", timeout=600)
             self.notes[f"proxy_{target}_start_s"] = round(took, 1)
             self.notes[f"proxy_{target}_idle_rss_mib"] = round(svc.rss_mib(), 1)
+        if self.peer:
+            for target, cache in (("peer-off", False), ("peer-on", True)):
+                name = target.replace("-", "_")
+                started = time.monotonic()
+                svc, self.urls[target] = peer_litellm.start(name, self.urls["direct"], self.tmp, cache=cache)
+                self.proxies[target] = svc
+                self.notes[f"{name}_start_s"] = round(time.monotonic() - started, 1)
+                self.notes[f"{name}_idle_rss_mib"] = round(svc.rss_mib(), 1)
+            self.notes["peer"] = (f"LiteLLM proxy ({peer_litellm.PIN}, own virtualenv, 1 worker): "
+                                  "caching off, and its local in-memory cache (exact match)")
         self.prompts = Prompts(self.words, seed=int(time.time()))
 
     def stop(self) -> None:
@@ -327,7 +341,9 @@ class Bench:
         """
         seeds = self.pairs[:count]
         before = self._entries()
-        spec = self._spec("on", 32, [chat_body(p["q"]) for p in seeds], [], len(seeds), 300,
+        # c=4, not 32: a seed whose lookup times out (a loaded machine) is stored exact-only, and
+        # its paraphrase could then never be a semantic hit
+        spec = self._spec("on", SEED_CONCURRENCY, [chat_body(p["q"]) for p in seeds], [], len(seeds), 300,
                           tenant=tenant)
         started = time.monotonic()
         raw = run_load(spec, {}, self.tmp)
@@ -336,21 +352,24 @@ class Bench:
             "sent": len(seeds), "stored": stored, "answers": raw["semcache"], "errors": raw["errors"],
             "seconds": round(time.monotonic() - started, 1)}
 
-    def seed_exact(self, tenant: str, body: str) -> None:
-        url = self.urls["on"] + CHAT
+    def seed_exact(self, target: str, tenant: str, body: str) -> None:
+        url = self.urls[target] + CHAT
         headers = {"Authorization": f"Bearer {tenant}"}
         for _ in range(100):
             status, got, _ = http_post(url, body.encode(), headers)
-            if status == 200 and got.get("x-semcache") == "exact":
+            hit = PEER_HIT_HEADER in got if target.startswith("peer") else got.get("x-semcache") == "exact"
+            if status == 200 and hit:
                 return
             time.sleep(0.05)
-        raise RuntimeError("exact-hit seed never came back as an exact hit")
+        raise RuntimeError(f"exact-hit seed on {target} never came back as an exact hit")
 
     # runs -------------------------------------------------------------------------------------
 
     def _spec(self, target: str, c: int, bodies: list[str], warmup: list[str], requests: int,
               max_seconds: float, *, tenant: str, stream: bool = False) -> dict[str, Any]:
-        return {"url": self.urls[target] + CHAT, "bodies": bodies, "warmup": warmup, "concurrency": c,
+        return {"url": self.urls[target] + CHAT, "bodies": bodies,
+                "count_header": PEER_HIT_HEADER if target.startswith("peer") else "x-semcache",
+                "count_presence": target.startswith("peer"), "warmup": warmup, "concurrency": c,
                 "requests": requests, "max_seconds": max_seconds, "stream": stream,
                 "headers": {"Authorization": f"Bearer {tenant}"}}
 
@@ -369,12 +388,13 @@ class Bench:
                 # a realistic pasted-document prompt: ~4 KB, past the embedder's window
                 prompt = (prompt + " " + " ".join(self.prompts.take(60)))[:4096]
             body = chat_body(prompt, sc.stream)
-            self.seed_exact(tenant, chat_body(prompt))
+            self.seed_exact(sc.target, tenant, chat_body(prompt))
             return [body], [body] * n_warm, tenant
         if sc.c == 1:
             tenant, count = "bench-semantic", self.sizes.seeds
         else:
-            tenant, count = f"bench-semantic-c{sc.c}-r{rep}", self.sizes.seeds32
+            tenant = f"bench-semantic-c{sc.c}-{'stream' if sc.stream else 'plain'}-r{rep}"
+            count = self.sizes.seeds32
             self.seed_semantic(tenant, count)
         paraphrases = [chat_body(p["p"], sc.stream) for p in self.pairs[:count]]
         return paraphrases, paraphrases[-n_warm:], tenant
@@ -423,10 +443,10 @@ class Bench:
             def on_ready(target: str = sc.target, raw_path: Path = raw_path, svg_path: Path = svg_path,
                          spies: list[subprocess.Popen[bytes]] = spies) -> None:
                 pid = str(self.proxies[target].pid)
-                for fmt, path in (("raw", raw_path), ("flamegraph", svg_path)):
+                for kind, path in (("raw", raw_path), ("flamegraph", svg_path)):
                     spies.append(subprocess.Popen(
                         [str(pyspy), "record", "--pid", pid, "--rate", "200", "--nonblocking",
-                         "--format", fmt, "--output", str(path)],
+                         "--format", kind, "--output", str(path)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 time.sleep(1.0)
 
@@ -475,168 +495,6 @@ def top_frames(path: Path, n: int = 15) -> dict[str, Any]:
     return {"samples": total, "self": share(own), "inclusive": share(incl)}
 
 
-# -- report ---------------------------------------------------------------------------------------
-
-def median(values: list[float | None]) -> float | None:
-    real = [v for v in values if v is not None]
-    return statistics.median(real) if real else None
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Medians over repetitions; ratios against the direct run of the same repetition."""
-    table: dict[str, dict[str, Any]] = {}
-    for name, rows in results.items():
-        sc_key, c, stream = name.split("|")
-        direct_name = f"{'direct-stream' if stream == 'True' else 'direct'}|{c}|{stream}"
-        directs = results.get(direct_name, [])
-        agg: dict[str, Any] = {"reps": len(rows)}
-        for metric in ("rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms", "proxy_cpu_ms",
-                       "upstream_cpu_ms", "client_cpu_ms", "proxy_peak_rss_mib", "hit_share",
-                       "embed_batch_mean", "cache_errors", "similarity_p50"):
-            agg[metric] = median([r.get(metric) for r in rows])
-        agg["p50_range"] = (min(r["p50_ms"] for r in rows), max(r["p50_ms"] for r in rows))
-        agg["errors"] = sum(sum(r["errors"].values()) for r in rows)
-        settles = [r["settle_s"] for r in rows if "settle_s" in r]
-        agg["settle_max_s"] = max(settles) if settles else None
-        agg["cache_errors_total"] = sum(r.get("cache_errors") or 0 for r in rows)
-        agg["answers"] = dict(sum((Counter(r["semcache"]) for r in rows), Counter()))
-        agg["non_200"] = sum(v for r in rows for k, v in r["status"].items() if k != "200")
-        if directs and sc_key not in ("direct", "direct-stream"):
-            pairs = list(zip(rows, directs, strict=False))
-            agg["direct_rps"] = median([d["rps"] for _, d in pairs])
-            agg["direct_p50_ms"] = median([d["p50_ms"] for _, d in pairs])
-            agg["direct_p99_ms"] = median([d["p99_ms"] for _, d in pairs])
-            agg["direct_ttfb_p50_ms"] = median([d["ttfb_p50_ms"] for _, d in pairs])
-            agg["rps_ratio"] = median([r["rps"] / d["rps"] for r, d in pairs])
-            agg["p50_added_ms"] = median([r["p50_ms"] - d["p50_ms"] for r, d in pairs])
-            agg["p50_ratio"] = median([r["p50_ms"] / d["p50_ms"] for r, d in pairs])
-            if stream == "True":
-                agg["ttfb_added_ms"] = median([r["ttfb_p50_ms"] - d["ttfb_p50_ms"] for r, d in pairs])
-        goal = GOALS.get((sc_key, int(c)))
-        if goal is not None:
-            agg["goal"] = goal.text
-            agg["goal_met"] = goal.met(agg.get(goal.metric))
-        table[name] = agg
-    return table
-
-
-def markdown(table: dict[str, dict[str, Any]], labels: dict[str, str], machine: dict[str, Any],
-             notes: dict[str, Any], command: str) -> str:
-    lines = [f"Command: `{command}`", "",
-             f"Machine: {machine['cpu']}, nproc {machine['nproc']}, Python {machine['python']}, "
-             f"aiohttp {machine['aiohttp']}, load average at start {machine['loadavg']}, "
-             f"at end {machine.get('loadavg_end', '?')}", "",
-             f"Proxy code: {machine['code']}", ""]
-    lines += ["### Non-streaming (medians over repetitions; ratios vs direct in the same repetition)", "",
-              "| scenario | c | req/s | p50 ms | p99 ms | proxy CPU ms/req | proxy peak RSS MiB "
-              "| direct req/s | direct p50 ms | direct p99 ms | added p50 ms | req/s vs direct "
-              "| share as expected | goal | met |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for name, agg in table.items():
-        if name.endswith("True"):
-            continue
-        _, c, _ = name.split("|")
-        met = {True: "yes", False: "**no**", None: ""}[agg.get("goal_met")]
-        lines.append(
-            f"| {labels[name]} | {c} | {fmt(agg['rps'], 0)} | {fmt(agg['p50_ms'])} | {fmt(agg['p99_ms'])} "
-            f"| {fmt(agg['proxy_cpu_ms'])} | {fmt(agg['proxy_peak_rss_mib'], 0)} "
-            f"| {fmt(agg.get('direct_rps'), 0)} | {fmt(agg.get('direct_p50_ms'))} "
-            f"| {fmt(agg.get('direct_p99_ms'))} | {fmt(agg.get('p50_added_ms'))} "
-            f"| {fmt(agg.get('rps_ratio'))} "
-            f"| {fmt(100 * agg['hit_share'] if agg['hit_share'] is not None else None, 1)}% "
-            f"| {agg.get('goal', '')} | {met} |")
-    lines += ["", "### Streaming, c=1 (time to first byte = first body chunk)", "",
-              "| scenario | req/s | TTFB p50 ms | TTFB p99 ms | total p50 ms | proxy CPU ms/req "
-              "| direct TTFB p50 ms | added TTFB p50 ms | share as expected |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, agg in table.items():
-        if not name.endswith("True"):
-            continue
-        lines.append(
-            f"| {labels[name]} | {fmt(agg['rps'], 0)} | {fmt(agg['ttfb_p50_ms'])} "
-            f"| {fmt(agg['ttfb_p99_ms'])} "
-            f"| {fmt(agg['p50_ms'])} | {fmt(agg['proxy_cpu_ms'])} | {fmt(agg.get('direct_ttfb_p50_ms'))} "
-            f"| {fmt(agg.get('ttfb_added_ms'))} "
-            f"| {fmt(100 * agg['hit_share'] if agg['hit_share'] is not None else None, 1)}% |")
-    lines += ["", "### CPU per request of every process (ms, medians)", "",
-              "| scenario | c | proxy | upstream | client | p50 range over reps (ms) | errors | non-200 "
-              "| longest wait for idle before a run (s) |",
-              "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for name, agg in table.items():
-        _, c, _ = name.split("|")
-        low, high = agg["p50_range"]
-        lines.append(f"| {labels[name]} | {c} | {fmt(agg['proxy_cpu_ms'])} | {fmt(agg['upstream_cpu_ms'])} "
-                     f"| {fmt(agg['client_cpu_ms'])} | {low:.2f}-{high:.2f} | {agg['errors']} "
-                     f"| {agg['non_200']} | {fmt(agg['settle_max_s'], 1)} |")
-    lines += ["", "### Cache-on runs: answers by x-semcache, embedding batches, lookup faults", "",
-              "| scenario | c | x-semcache answers (all reps) | mean embedding batch "
-              "| lookup faults, all reps (timeouts -> miss) | median similarity |",
-              "|---|---:|---|---:|---:|---:|"]
-    for name, agg in table.items():
-        if agg.get("embed_batch_mean") is None and agg.get("cache_errors") is None:
-            continue
-        _, c, _ = name.split("|")
-        answers = ", ".join(f"{k} {v}" for k, v in sorted(agg["answers"].items()))
-        lines.append(f"| {labels[name]} | {c} | {answers} | {fmt(agg['embed_batch_mean'], 1)} "
-                     f"| {agg['cache_errors_total']:.0f} | {fmt(agg['similarity_p50'], 4)} |")
-    seeded = notes.get("semantic_seeded", {})
-    lines += ["", f"Start-up: cache-off proxy ready in {notes.get('proxy_off_start_s')} s at "
-              f"{notes.get('proxy_off_idle_rss_mib')} MiB RSS; cache-on proxy (model loaded) in "
-              f"{notes.get('proxy_on_start_s')} s at {notes.get('proxy_on_idle_rss_mib')} MiB RSS. "
-              + "".join(f"Semantic seeding {tenant}: {v['stored']} of {v['sent']} questions stored "
-                        f"in {v['seconds']} s. " for tenant, v in seeded.items())
-              + f"Whole run {notes.get('elapsed_s')} s."]
-    return "\n".join(lines)
-
-
-def code_version() -> str:
-    """HEAD, plus a hash of the proxy sources when they differ from it (others edit proxy/)."""
-    import hashlib
-
-    def git(*argv: str) -> str:
-        try:
-            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True,
-                                  check=False).stdout.strip()
-        except OSError:
-            return ""
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "proxy")
-    if not dirty:
-        return head
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "proxy").rglob("*.py")):
-        digest.update(path.read_bytes())
-    return f"{head} + uncommitted proxy/ changes (sources sha256 {digest.hexdigest()[:12]})"
-
-
-def print_profile(profile: dict[str, Any]) -> None:
-    for key, found in profile.items():
-        print(f"\n### py-spy: {key} ({found['samples']} samples, flamegraph {found['svg']})\n")
-        print("| self % | function | | inclusive % | function |\n|---:|---|---|---:|---|")
-        for (f1, s1), (f2, s2) in zip(found["self"], found["inclusive"], strict=False):
-            print(f"| {s1} | `{f1}` | | {s2} | `{f2}` |")
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import aiohttp
-    return {"cpu": cpu, "code": code_version(), "nproc": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "aiohttp": aiohttp.__version__, "kernel": platform.release(),
-            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="direct vs proxy benchmark (loopback, fake upstream)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (~2 min)")
@@ -648,11 +506,13 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to this long for the 1-minute load average to drop "
                         "below 1.0 (a shared machine)")
+    parser.add_argument("--peer", choices=("litellm",), help="also run LiteLLM's proxy as the peer "
+                        "(its own virtualenv: python -m bench.peer_litellm --install, or make bench-peer)")
     parser.add_argument("--report", type=Path, help="only render the tables of a saved JSON file")
     args = parser.parse_args()
     if args.report:
         saved = json.loads(args.report.read_text())
-        labels = {f"{sc.key}|{sc.c}|{sc.stream}": sc.label for sc in scenarios()}
+        labels = {f"{sc.key}|{sc.c}|{sc.stream}": sc.label for sc in scenarios(peer=True)}
         print(markdown(aggregate(saved["runs"]), labels, saved["machine"], saved["notes"], saved["command"]))
         print_profile(saved.get("profile") or {})
         return
@@ -664,7 +524,13 @@ def main() -> None:
     pairs = load_pairs()
     if len(pairs) < max(sizes.seeds, sizes.seeds32):
         sys.exit(f"{PAIRS} holds {len(pairs)} usable pairs, {sizes.seeds} needed")
-    chosen = scenarios()
+    peer = args.peer == "litellm"
+    if peer and not peer_litellm.available():
+        print(f"peer skipped: LiteLLM's proxy is not installed ({peer_litellm.executable()} missing); "
+              "create its virtualenv with `make bench-peer` or `python -m bench.peer_litellm --install`",
+              file=sys.stderr)
+        peer = False
+    chosen = scenarios(peer)
     if args.only:
         keep = set(args.only.split(",")) | {"direct", "direct-stream"}
         chosen = [sc for sc in chosen if sc.key in keep]
@@ -675,7 +541,7 @@ def main() -> None:
     machine = machine_info()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="semcache-bench-") as tmp_name:
-        bench = Bench(sizes=sizes, tmp=Path(tmp_name), words=vocabulary(pairs), pairs=pairs)
+        bench = Bench(sizes=sizes, tmp=Path(tmp_name), words=vocabulary(pairs), pairs=pairs, peer=peer)
         results: dict[str, list[dict[str, Any]]] = {}
         labels = {f"{sc.key}|{sc.c}|{sc.stream}": sc.label for sc in chosen}
         profile: dict[str, Any] = {}

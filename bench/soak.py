@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -36,13 +37,30 @@ TOPICS = ("boil an egg", "peel a potato", "slice an onion", "store fresh basil",
           "keep bread fresh", "sharpen a knife", "clean a cast iron pan", "brew green tea", "bake a potato")
 
 
+#: hostile bodies of the mix: each must get a 4xx (wrong types, malformed or truncated JSON, NaN,
+#: non-UTF-8, a lone surrogate, deep nesting, empty messages, absurd max_tokens)
+BAD_BODIES: tuple[dict[str, Any] | bytes, ...] = (
+    {"model": "deepseek-chat", "messages": "not a list"},
+    {"model": "deepseek-chat", "messages": []},
+    {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12},
+    b'{"model": "deepseek-chat", "messages": [{"role": "user", "content": "trunc',
+    b'{"model": "deepseek-chat", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}',
+    b'{"model": "deepseek-chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+    b'{"model": "deepseek-chat", "messages": [{"role": "user", "content": "\\ud800 lone"}]}',
+    b"\xff\xfe\x00 not utf-8",
+    b'{"model": "deepseek-chat", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+)
+
+
 def snapshot(proxy: Service, url: str) -> dict[str, Any]:
     runtime = get_json(url + "/admin/debug/runtime")
     return {"rss_mib": round(proxy.rss_mib(), 1), "open_fds": len(os.listdir(f"/proc/{proxy.pid}/fd")),
             "threads": int(next(line.split()[1] for line in
                                 Path(f"/proc/{proxy.pid}/status").read_text().splitlines()
                                 if line.startswith("Threads:"))),
-            "asyncio_tasks": runtime["tasks"], "in_flight": runtime["in_flight"]}
+            "asyncio_tasks": runtime["tasks"], "in_flight": runtime["in_flight"],
+            # the machine is shared: a figure means little without the load it was taken under
+            "loadavg_1m": os.getloadavg()[0]}
 
 
 class Load:
@@ -53,7 +71,7 @@ class Load:
         self.outcomes: Counter[str] = Counter()
         self.new = 0
 
-    def body(self) -> tuple[str, dict[str, Any], dict[str, str]]:
+    def body(self) -> tuple[str, dict[str, Any] | bytes, dict[str, str]]:
         """(kind, body, headers) of one request of the mix."""
         r = self.rng.random()
         tenant = f"Bearer sk-soak-{self.rng.randint(1, 5)}"
@@ -76,7 +94,7 @@ class Load:
             streamed = fault in ("FAULT:break", "FAULT:error_event")
             return "fault", _chat(f"{fault} {topic}", stream=streamed), headers
         if r < 0.93:
-            return "bad", {"model": "deepseek-chat", "messages": "not a list"}, headers
+            return "bad", self.rng.choice(BAD_BODIES), headers
         if r < 0.96:
             return "completion", {"model": "deepseek-chat", "prompt": f"Complete: how to {topic}"}, headers
         return "admin", {}, {}
@@ -89,8 +107,10 @@ class Load:
                     await resp.read()
                     self.outcomes[f"{kind} {resp.status}"] += 1
                 return
-            path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
-            async with session.post(self.url + path, data=orjson.dumps(body),
+            raw = body if isinstance(body, bytes) else orjson.dumps(body)
+            completion = isinstance(body, dict) and "prompt" in body
+            path = "/v1/completions" if completion else "/v1/chat/completions"
+            async with session.post(self.url + path, data=raw,
                                     headers={"Content-Type": "application/json", **headers}) as resp:
                 if kind == "abandon":
                     await resp.content.readany()     # take the first bytes, then hang up
@@ -112,12 +132,17 @@ class Load:
             while time.monotonic() < deadline:
                 await gate.acquire()
                 task = asyncio.create_task(self.one(session))
-                task.add_done_callback(lambda t: (gate.release(), pending.discard(t)))
+                task.add_done_callback(functools.partial(_finished, gate, pending))
                 pending.add(task)
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if pending:
                 await asyncio.wait(pending, timeout=60)
+
+
+def _finished(gate: asyncio.Semaphore, pending: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    gate.release()
+    pending.discard(task)
 
 
 def _chat(text: str, stream: bool = False) -> dict[str, Any]:
@@ -192,6 +217,9 @@ def main() -> None:
             report["outcomes"] = dict(sorted(load.outcomes.items()))
             report["server_errors"] = sum(n for k, n in load.outcomes.items()
                                           if k.split()[1].startswith("5") and not k.startswith("fault"))
+            # hostile input must be refused with a 4xx, never served or failed with a 5xx
+            report["bad_input_not_4xx"] = sum(n for k, n in load.outcomes.items()
+                                              if k.startswith("bad ") and not k.split()[1].startswith("4"))
             report["alive"] = proxy.proc.poll() is None
             report["ready"] = get_json(url + "/readyz")
             report["growth"] = {k: round(report["after"][k] - report["before"][k], 1)

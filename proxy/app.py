@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -22,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
+from . import verifier
 from .accounting import PriceTable, parse_prices
 from .appkeys import CACHE, CONFIG, METRICS_TEXT, PIPELINE, SECRETS, STATE, TENANT_SECRET, State
 from .backends.openai import OpenAIBackend
@@ -38,7 +40,7 @@ from .energy import PowerReader, energy_meter
 from .guards import Guards
 from .index import FaissIndex
 from .metrics import PrometheusMetrics
-from .middleware import make_middleware
+from .middleware import ParserErrorLog, make_middleware
 from .pipeline import Pipeline, Policy
 from .ports import Backend, Embedder, Metrics
 from .ratelimit import RateLimiter
@@ -71,7 +73,10 @@ def make_policy(config: Config) -> Policy:
                                   for script, spec in emb.languages.items()),
                   routes=tuple((route, emb.derive(spec).ident, frozenset(emb.derive(spec).scripts),
                                 spec.threshold) for route, spec in emb.routes.items()))
-    return Policy(cache=config.cache, rules=rules, guards=Guards.only(*config.cache.guards))
+    guards = Guards.only(*config.cache.guards)
+    if "verifier" in config.cache.guards:
+        guards = dataclasses.replace(guards, verifier=verifier.build(config))
+    return Policy(cache=config.cache, rules=rules, guards=guards)
 
 
 def make_embedder(config: EmbeddingConfig, on_batch: Callable[[int, float], None] | None = None
@@ -130,6 +135,32 @@ def make_redis_store(config: Config, clock: SystemClock, password: SecretStr | N
     return RedisStore(url=s.redis_url, namespace=s.namespace, clock=clock,
                       max_entries=config.cache.max_entries, max_bytes=config.cache.max_bytes,
                       settings=settings, on_state=lambda state: notes.__setitem__("cache.redis", state))
+
+
+#: /readyz's cache.redis when Redis did not answer at start-up: the store's breaker learns only
+#: from request-path calls (and needs several failures to open), so it would read "closed"
+UNREACHABLE = "unreachable"
+
+
+async def redis_answers(store: RedisStore, within_s: float) -> bool:
+    """One look at Redis at start-up, so the first readiness answers tell the truth."""
+    try:
+        async with asyncio.timeout(within_s):
+            await store.position()
+    except Exception:   # refused, timed out, auth, a script error: not answering as a cache
+        return False
+    return True
+
+
+def index_notes(notes: dict[str, str], store: RedisStore) -> Callable[[str], None]:
+    """The follower's status is /readyz's cache.index. Once it follows the feed Redis answers,
+    so an "unreachable" from start-up gives way to the breaker's state (which only reports its
+    own changes, and does not change while it stays closed)."""
+    def report(status: str) -> None:
+        notes["cache.index"] = status
+        if status == "following" and notes.get("cache.redis") == UNREACHABLE:
+            notes["cache.redis"] = store.breaker_state
+    return report
 
 
 @dataclass
@@ -209,13 +240,13 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
     follower: IndexFollower | None = None
     leases: RedisLeases | None = None
     if config.cache.enabled:
-        index = FaissIndex(on_search=metrics.index_search)
+        index = FaissIndex(config=config.index, on_search=metrics.index_search)
         if config.store.type == "redis":
             # shared by replicas (docs/scaling.md): the index follows the store's change feed
             store = make_redis_store(config, clock, app[SECRETS].redis_password, app[STATE].notes)
             follower = IndexFollower(feed=store, index=index, settings=FollowSettings(
                 rebuild_batch=config.store.rebuild_batch, log_every=config.store.rebuild_log_every),
-                on_status=lambda status: app[STATE].notes.__setitem__("cache.index", status))
+                on_status=index_notes(app[STATE].notes, store))
             leases = RedisLeases(store) if config.store.lease else None
         else:
             store = MemoryStore(max_entries=config.cache.max_entries, max_bytes=config.cache.max_bytes,
@@ -227,7 +258,8 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
                                   ttl_s=config.cache.ttl_s, top_k=config.cache.top_k,
                                   max_entry_bytes=config.cache.max_entry_bytes,
                                   store_finish_reasons=frozenset(config.cache.store_finish_reasons),
-                                  lookup_timeout_s=config.cache.lookup_timeout_s))
+                                  lookup_timeout_s=config.cache.lookup_timeout_s,
+                                  feedback_floors=config.cache.feedback_floors))
     app[CACHE] = cache
     state = app[STATE]
     prices = load_prices(config.accounting.prices_file)
@@ -269,6 +301,10 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
             yield
             return
         await store.start()
+        if isinstance(store, RedisStore) and not await redis_answers(
+                store, config.store.background_timeout_s):
+            # until the breaker opens or the follower reaches Redis (their callbacks overwrite it)
+            app[STATE].notes["cache.redis"] = UNREACHABLE
         if follower is not None:
             # start-up does not depend on Redis: without it requests are misses until it is back
             await follower.start()
@@ -405,6 +441,8 @@ def run(config_path: str, environ: Mapping[str, str] | None = None) -> None:
     config = load_config(config_path)
     logging.basicConfig(level=config.server.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # requests aiohttp's parser refuses: one line each, without the bytes they carried
+    logging.getLogger("aiohttp.server").addFilter(ParserErrorLog())
     app = build_app(config, environ=environ, config_path=config_path)
     if config.server.uvloop:
         try:

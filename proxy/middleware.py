@@ -1,17 +1,22 @@
-"""Cross-cutting HTTP concerns: load shedding, errors rendered in OpenAI's shape, request metrics."""
+"""Cross-cutting HTTP concerns: load shedding, errors rendered in OpenAI's shape, request metrics,
+the optional token in front of /metrics and the status page, and what aiohttp logs about requests
+its HTTP parser refuses."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from pydantic import SecretStr
 
-from .appkeys import CONFIG, RESULT, STATE, TENANT_SECRET
-from .errors import MethodNotAllowed, NotFound, Overloaded, ProxyError
+from .appkeys import CONFIG, RESULT, SECRETS, STATE, TENANT_SECRET
+from .errors import AuthenticationFailed, MethodNotAllowed, NotFound, Overloaded, ProxyError
 from .ports import Metrics
 from .ratelimit import RateLimiter
 from .tenancy import identify
@@ -33,6 +38,31 @@ def route_label(path: str) -> str:
     return "other"
 
 
+#: routes that show every tenant's counters: behind server.metrics_token_env when it is set
+_SCRAPED = frozenset({"/", "/metrics"})
+
+
+def bearer_matches(sent: str | None, token: SecretStr) -> bool:
+    """Whether ``sent`` is ``Bearer <token>``, compared in constant time so the answer's timing
+    says nothing about how much of a guess was right. Header values may hold lone surrogates
+    (aiohttp decodes bytes that are not UTF-8 that way): encoded with surrogatepass, never a 500."""
+    expected = f"Bearer {token.get_secret_value()}".encode("utf-8", "surrogatepass")
+    return hmac.compare_digest((sent or "").encode("utf-8", "surrogatepass"), expected)
+
+
+def _check_scrape_token(request: web.Request) -> None:
+    token = request.app[SECRETS].metrics_token
+    if token is None:   # the common case, checked first: this runs on every request
+        return
+    # the matched route, not the raw path: "/%6detrics" or "/metrics?x" reach the same handler
+    resource = request.match_info.route.resource
+    if resource is None or resource.canonical not in _SCRAPED:
+        return
+    if not bearer_matches(request.headers.get("Authorization"), token):
+        raise AuthenticationFailed("/metrics and the status page need "
+                                   "'Authorization: Bearer <metrics token>'.")
+
+
 def error_response(exc: ProxyError) -> web.Response:
     return web.Response(status=exc.status, body=orjson.dumps(exc.body()),
                         headers={"content-type": "application/json", **exc.headers()})
@@ -49,6 +79,26 @@ def _from_http(exc: web.HTTPException) -> ProxyError:
     return error
 
 
+class ParserErrorLog(logging.Filter):
+    """For the ``aiohttp.server`` logger. aiohttp answers a request its parser refuses (bad
+    request line, bad header, oversized header) itself, and logs it at ERROR with a traceback
+    whose message quotes the offending bytes: a malformed Authorization line would put a key
+    in the log, and any client could fill the log with tracebacks. This turns such a record into
+    one WARNING line with the error's class and the peer. Other records pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "refused a malformed HTTP request from %s: %s (status %s)"
+            record.args = (peer, type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def make_middleware(metrics: Metrics, limiter: RateLimiter | None = None) -> Middleware:
     """``limiter``: per-tenant token buckets (config ``limits``); the tenant is worked out here
     from the Authorization header exactly as the handler does (tenancy.identify), so a tenant
@@ -62,6 +112,7 @@ def make_middleware(metrics: Metrics, limiter: RateLimiter | None = None) -> Mid
         counted = route in ("chat", "completions", "passthrough", "models")
         status = 500
         try:
+            _check_scrape_token(request)
             if counted:
                 if state.draining:
                     raise Overloaded("The proxy is shutting down.", retry_after=1)

@@ -115,6 +115,71 @@ def _admin(name: str, summary: str, method_body: bool, ok: dict[str, Any]) -> di
     return operation
 
 
+_CLIENT_PARAMETERS: list[dict[str, Any]] = [
+    {"name": "X-Semcache-Client-Authorization", "in": "header", "required": False,
+     "description": "The client's own Authorization (the tenant is worked out from it as for a "
+                    "normal request); without an admin token, Authorization may carry it",
+     "schema": {"type": "string"}},
+    {"name": "route", "in": "query", "required": False,
+     "description": "Which route the body is for (default: chat when it has messages)",
+     "schema": {"type": "string", "enum": ["chat", "completions"]}},
+]
+
+_FEEDBACK = {
+    "type": "object",
+    "required": ["evicted", "kind", "prompt", "created"],
+    "properties": {"evicted": {"type": "string", "description": "The evicted entry's key"},
+                   "kind": {"type": "string", "enum": ["explicit"]},
+                   "prompt": {"type": ["string", "null"], "description": "Its cached prompt"},
+                   "created": {"type": "number"}},
+}
+
+_NEIGHBOUR = {
+    "type": "object",
+    "properties": {
+        "key": {"type": "string"}, "score": {"type": "number", "description": "Cosine similarity"},
+        "above_threshold": {"type": "boolean"},
+        "refused_by": {"type": ["string", "null"],
+                       "description": "The first enabled guard that refuses it, \"verifier\", or "
+                                      "\"feedback\" (at or below the floor learned for the entry)"},
+        "guards_fired": {"type": "array", "items": {"type": "string"}},
+        "verifier_score": {"type": ["number", "null"],
+                           "description": "P(same meaning) by the verifier, when one covers it"},
+        "floor": {"type": ["number", "null"], "description": "Similarity to beat, from feedback"},
+        "live": {"type": "boolean"}, "prompt": {"type": ["string", "null"]}},
+}
+
+_EXPLAIN = {
+    "type": "object",
+    "required": ["route", "scope", "key", "exact_hit", "semantic", "threshold", "guards", "neighbours",
+                 "decision", "served_by"],
+    "properties": {
+        "route": {"type": "string"}, "scope": {"type": "string"}, "key": {"type": "string"},
+        "embedder": {"type": ["string", "null"]}, "exact_hit": {"type": "boolean"},
+        "semantic": {"type": "boolean"}, "reason": {"type": ["string", "null"]},
+        "threshold": {"type": "number"}, "guards": {"type": "array", "items": {"type": "string"}},
+        "neighbours": {"type": "array", "items": _NEIGHBOUR},
+        "decision": {"type": "string", "enum": ["exact", "semantic", "miss"]},
+        "served_by": {"type": ["string", "null"]}},
+}
+
+
+def _admin_on_request(name: str, summary: str, ok: dict[str, Any], *, with_key: bool,
+                      extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An admin call that takes a client's request body (chat or completions)."""
+    operation = _admin(name, summary, True, ok)
+    bodies: list[dict[str, Any]] = [{"$ref": _REF.format(model="ChatRequest")},
+                                    {"$ref": _REF.format(model="CompletionRequest")}]
+    if with_key:
+        bodies.insert(0, {"type": "object", "required": ["key"], "additionalProperties": False,
+                          "properties": {"key": {"type": "string",
+                                                 "description": "An entry key, from explain"}}})
+    operation["requestBody"] = {"required": True, "content": {"application/json": {
+        "schema": {"anyOf": bodies}}}}
+    operation["parameters"] = [*_CLIENT_PARAMETERS, *(extra or [])]
+    return operation
+
+
 def _json_schema(node: Any) -> Any:
     """pydantic writes a bound on a union (``StrictFloat | StrictInt`` with ``ge``) as ``ge`` /
     ``le``, which JSON Schema does not know: make them ``minimum`` / ``maximum``."""
@@ -179,12 +244,19 @@ def _document() -> dict[str, Any]:
                                                  False, _json("Cache fill"))},
             "/admin/cache/flush": {"post": _admin("cacheFlush", "Forget every cached answer",
                                                   False, _json("How many entries were removed"))},
-            "/admin/cache/feedback": {"post": _admin(
+            "/admin/cache/feedback": {"post": _admin_on_request(
                 "cacheFeedback", "Mark a served answer wrong: {\"key\": ...} or the client's request "
-                "body (tenant from X-Semcache-Client-Authorization)", True, _json("The evicted entry"))},
-            "/admin/cache/explain": {"post": _admin(
-                "cacheExplain", "What the cache would answer a client's request body with, and why "
-                "(?route=, ?k=)", True, _json("The decision and the neighbours"))},
+                "body (evicts the entry that served it, leaves its similarity as the entry's floor; "
+                "counted in semcache_cache_feedback_total{kind=\"explicit\"})",
+                _json("The evicted entry", _FEEDBACK), with_key=True)},
+            "/admin/cache/explain": {"post": _admin_on_request(
+                "cacheExplain", "What the cache would answer a client's request body with, and why: "
+                "scope, exact key, the top-k neighbours with similarity, guards and verifier score; "
+                "nothing is served, stored or sent to a backend",
+                _json("The decision and the neighbours", _EXPLAIN), with_key=False,
+                extra=[{"name": "k", "in": "query", "required": False,
+                        "description": "Neighbours to list (default cache.top_k)",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 64}}])},
             "/admin/debug/runtime": {"get": _admin("debugRuntime", "asyncio tasks and requests in "
                                                    "flight (leak hunting)", False, _json("Counters"))},
             "/": {"get": {"operationId": "statusPage", "security": [],

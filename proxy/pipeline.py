@@ -279,15 +279,15 @@ class Pipeline:
             return flight
         if target.vector is not None and target.coalesce:
             found = self._flights.find_similar(target.plan.scope, target.vector, target.threshold)
-            if found is not None and not self._guarded(target, found[0]):
+            if found is not None and not self._guarded(target, *found):
                 self._metrics.coalesced("semantic")
                 return found[0]
         return None
 
-    def _guarded(self, target: _Target, flight: Flight) -> bool:
+    def _guarded(self, target: _Target, flight: Flight, score: float) -> bool:
         if target.plan.text is None or flight.text is None:
             return True
-        guard = check(target.plan.text, flight.text, self._policy().guards)
+        guard = check(target.plan.text, flight.text, self._policy().guards, score, target.plan.embedder)
         if guard is not None:
             self._metrics.guard_refusal(guard)
         return guard is not None

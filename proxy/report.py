@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import urllib.error
@@ -185,9 +186,12 @@ class ReportError(Exception):
     pass
 
 
-def _get(url: str, timeout: float) -> bytes:
+def _get(url: str, timeout: float, token: str | None = None) -> bytes:
+    # with server.metrics_token_env set, the proxy's /metrics wants this bearer token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body: bytes = response.read()
             return body
     except urllib.error.HTTPError as exc:
@@ -197,9 +201,9 @@ def _get(url: str, timeout: float) -> bytes:
         raise ReportError(f"cannot reach {url}: {exc}") from exc
 
 
-def from_proxy(url: str, timeout: float = 10.0) -> Summary:
+def from_proxy(url: str, timeout: float = 10.0, token: str | None = None) -> Summary:
     """Totals since the proxy started, from its ``/metrics``."""
-    text = _get(url.rstrip("/") + "/metrics", timeout).decode("utf-8", errors="replace")
+    text = _get(url.rstrip("/") + "/metrics", timeout, token).decode("utf-8", errors="replace")
     try:
         return summarize(parse_exposition(text))
     except ValueError as exc:
@@ -341,6 +345,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_url: str) -> None:
     parser.add_argument("--png", default=None, metavar="FILE", help="also write a chart (matplotlib)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP call")
+    parser.add_argument("--token-env", default="SEMCACHE_METRICS_TOKEN", metavar="NAME",
+                        help="environment variable holding the proxy's metrics token, sent as a "
+                             "bearer token with --url when set (default SEMCACHE_METRICS_TOKEN)")
 
 
 def run(args: argparse.Namespace, default_url: str) -> int:
@@ -350,7 +357,7 @@ def run(args: argparse.Namespace, default_url: str) -> int:
             source = f"{args.prometheus}, last {args.window}"
         else:
             url = args.url or default_url
-            summary = from_proxy(url, args.timeout)
+            summary = from_proxy(url, args.timeout, os.environ.get(args.token_env) or None)
             source = f"{url}, since the proxy started"
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,6 +7,8 @@ import hmac
 import ipaddress
 import logging
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
@@ -14,13 +16,14 @@ from aiohttp import web
 from . import openapi, schemas, status_page
 from .appkeys import CACHE, CONFIG, METRICS_TEXT, PIPELINE, RESULT, SECRETS, STATE, TENANT_SECRET
 from .cachekey import Directives, parse_directives
-from .errors import AuthenticationFailed, BodyTooLarge, InvalidRequest, MethodNotAllowed, NotFound
+from .errors import AuthenticationFailed, BodyTooLarge, InvalidRequest, MethodNotAllowed, NotFound, Overloaded
 from .pipeline import ApiRequest, Reply
 from .ports import UpstreamRequest
 from .report import parse_exposition, summarize
 from .tenancy import identify
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 VALIDATORS = {"chat": schemas.validate_chat, "completions": schemas.validate_completion}
 
@@ -182,11 +185,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=text, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+#: headers a reverse proxy adds: behind one on the same host every client's peer is loopback, so
+#: a tokenless admin call that carries any of them came from somewhere else
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "Via")
+
+
 def _require_admin(request: web.Request) -> None:
     token = request.app[SECRETS].admin_token
     if token is not None:
         sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        # surrogatepass: a header that is not UTF-8 is a wrong token, not a 500
+        if not hmac.compare_digest(sent.encode("utf-8", "surrogatepass"),
+                                   f"Bearer {token.get_secret_value()}".encode("utf-8", "surrogatepass")):
             raise AuthenticationFailed("Admin calls need 'Authorization: Bearer <admin token>'.")
         return
     peer = request.remote or ""
@@ -197,6 +207,9 @@ def _require_admin(request: web.Request) -> None:
     if not loopback:
         raise AuthenticationFailed("Admin calls are accepted from loopback only unless an admin token "
                                    "is configured.")
+    if any(name in request.headers for name in _PROXY_HEADERS):
+        raise AuthenticationFailed("Admin calls through a reverse proxy need an admin token "
+                                   "(server.admin_token_env).")
 
 
 async def cache_stats(request: web.Request) -> web.Response:
@@ -205,7 +218,7 @@ async def cache_stats(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     if cache is None:
         return web.json_response({"enabled": False})
-    stats = await cache.stats()
+    stats = await _with_store(request, cache.stats())
     return web.json_response({"enabled": True, "entries": stats.entries, "bytes": stats.bytes,
                               "max_entries": stats.max_entries, "max_bytes": stats.max_bytes})
 
@@ -216,8 +229,21 @@ async def cache_flush(request: web.Request) -> web.Response:
     cache = request.app[CACHE]
     if cache is None:
         raise NotFound("The cache is disabled.")
-    removed = await cache.clear()
+    removed = await _with_store(request, cache.clear())
     return web.json_response({"flushed": removed})
+
+
+async def _with_store(request: web.Request, call: Awaitable[T]) -> T:
+    """An admin call that needs the shared store. The store being away (Redis down, frozen, its
+    breaker open) is the same kind of fault the request path turns into a miss; here there is no
+    miss to give, so it is 503 + Retry-After (try again once the breaker may have closed), not a
+    500 that reads like a bug in the proxy."""
+    try:
+        return await call
+    except Exception as exc:
+        log.warning("admin %s: the cache store is unavailable (%s)", request.path, type(exc).__name__)
+        raise Overloaded("The cache store is unavailable; try again later.", code="cache_unavailable",
+                         retry_after=request.app[CONFIG].store.breaker_open_s) from exc
 
 
 #: the client's own Authorization for the admin calls that act on a tenant's request (feedback,
@@ -293,10 +319,11 @@ async def cache_explain(request: web.Request) -> web.Response:
         "semantic": found.semantic_text,
         "reason": found.reason,
         "threshold": found.threshold,
-        "guards": list(policy.guards.enabled),
+        "guards": [*policy.guards.enabled, *(["verifier"] if policy.guards.verifier is not None else [])],
         "neighbours": [{"key": n.key, "score": round(n.score, 6), "above_threshold": n.above_threshold,
                         "refused_by": n.refused_by, "guards_fired": list(n.guards_fired),
-                        "live": n.live, "prompt": n.text} for n in found.neighbours],
+                        "verifier_score": None if n.verifier_score is None else round(n.verifier_score, 4),
+                        "floor": n.floor, "live": n.live, "prompt": n.text} for n in found.neighbours],
         "decision": found.decision,
         "served_by": found.served_by,
     })

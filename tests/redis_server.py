@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,15 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, root: Path, *, port: int | None = None, persistence: bool = False) -> None:
+    """One redis-server; ``extra`` adds command-line options (``--replicaof``, ``--cluster-enabled``)."""
+
+    def __init__(self, root: Path, *, port: int | None = None, persistence: bool = False,
+                 extra: Sequence[str] = ()) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.persistence = persistence
+        self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -79,6 +84,7 @@ class RedisServer:
             argv += ["--appendonly", "yes", "--appendfsync", "always", "--save", "60 1"]
         else:
             argv += ["--appendonly", "no", "--save", ""]
+        argv += self.extra
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.starts += 1
@@ -157,6 +163,163 @@ class RedisServer:
                 else:
                     out.append((key, b""))
         return out
+
+
+# -- Sentinel and Cluster deployments ----------------------------------------------------------------
+
+
+def _wait(check: Any, what: str, timeout: float) -> Any:
+    """Poll ``check()`` until it returns something truthy (errors count as not yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(redis.RedisError, OSError):
+            result = check()
+            if result:
+                return result
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class SentinelDeployment:
+    """A master, one replica and one sentinel (quorum 1) monitoring them as ``service``: the
+    smallest deployment where ``SENTINEL FAILOVER`` has a replica to promote. Without the
+    replica it starts at once (the sentinel has nothing to discover) but cannot fail over."""
+
+    def __init__(self, root: Path, service: str = "semcache", *, replica: bool = True) -> None:
+        self.root = root
+        self.service = service
+        self.master = RedisServer(root / "a")
+        self.replica = RedisServer(root / "b", extra=["--replicaof", "127.0.0.1", str(self.master.port)]) \
+            if replica else None
+        self.sentinel_port = free_port()
+        self.sentinel: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}/0"
+
+    def sentinel_client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.sentinel_port, socket_timeout=5,
+                           socket_connect_timeout=5)
+
+    def start(self, timeout: float = 20.0) -> SentinelDeployment:
+        self.master.start(timeout)
+        if self.replica is not None:
+            self.replica.start(timeout)
+        conf = self.root / "sentinel.conf"  # the sentinel rewrites it: a file of its own
+        conf.write_text("\n".join([
+            f"port {self.sentinel_port}", "bind 127.0.0.1", "daemonize no", f"dir {self.root}",
+            f"logfile {self.root / 'sentinel.log'}",
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1",
+            f"sentinel down-after-milliseconds {self.service} 1000",
+            f"sentinel failover-timeout {self.service} 3000",
+            f"sentinel parallel-syncs {self.service} 1", ""]))
+        self.sentinel = subprocess.Popen([redis_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def master_port(self) -> int:
+        with self.sentinel_client() as client:
+            _, port = client.sentinel_get_master_addr_by_name(self.service)
+        return int(port)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until the sentinel names the master and sees the replica in sync (so a failover can run)."""
+        _wait(self.master_port, "the sentinel to name the master", timeout)
+        if self.replica is None:
+            return
+
+        def replica_known() -> bool:
+            with self.sentinel_client() as client:
+                replicas = client.sentinel_slaves(self.service)
+            return any(r.get("is_slave") and not r.get("is_sdown") and r.get("master-link-status") == "ok"
+                       for r in replicas)
+        _wait(replica_known, "the sentinel to see the replica", timeout)
+
+    def failover(self, timeout: float = 20.0) -> int:
+        """``SENTINEL FAILOVER``; returns the port of the new master once it acts as one."""
+        old = self.master_port()
+        def ask() -> bool:
+            # refused (NOGOODSLAVE) until the sentinel has fresh news of the replica: ask again
+            with self.sentinel_client() as client:
+                return bool(client.execute_command("SENTINEL", "FAILOVER", self.service))
+        _wait(ask, "SENTINEL FAILOVER to be accepted", timeout)
+        new = _wait(lambda: (port := self.master_port()) != old and port, "a new master", timeout)
+
+        def acts_as_master() -> bool:
+            with redis.Redis(host="127.0.0.1", port=new, socket_timeout=2) as client:
+                return bool(client.role()[0] == b"master")
+        _wait(acts_as_master, "the new master to take writes", timeout)
+        return int(new)
+
+    def log_tail(self) -> str:
+        try:
+            return (self.root / "sentinel.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.sentinel is not None and self.sentinel.poll() is None:
+            self.sentinel.kill()
+            self.sentinel.wait(10)
+        if self.replica is not None:
+            self.replica.kill()
+        self.master.kill()
+
+
+class ClusterDeployment:
+    """``masters`` redis-servers in cluster mode with the 16384 slots split between them, joined
+    with CLUSTER ADDSLOTSRANGE and CLUSTER MEET (what ``redis-cli --cluster create`` does)."""
+
+    def __init__(self, root: Path, masters: int = 3) -> None:
+        # the bus port is port + 10000 unless named: name a free one (high ports overflow)
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.nodes = [RedisServer(root / f"n{i}", extra=[
+            "--cluster-enabled", "yes", "--cluster-config-file", str(root / f"n{i}" / "nodes.conf"),
+            "--cluster-node-timeout", "2000", "--cluster-port", str(bus)])
+            for i, bus in enumerate(self.bus_ports)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 20.0) -> ClusterDeployment:
+        for node in self.nodes:
+            node.start(timeout)
+        per = 16384 // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            last = 16383 if i == len(self.nodes) - 1 else (i + 1) * per - 1
+            with node.client() as client:
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+        with self.nodes[0].client() as client:
+            for node, bus in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus)
+
+        def all_ok() -> bool:
+            for node in self.nodes:
+                with node.client() as client:
+                    info = client.execute_command("CLUSTER", "INFO").decode()
+                    if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
+                        return False
+            return True
+        _wait(all_ok, "the cluster to agree", timeout)
+        return self
+
+    def node_of(self, key: str) -> RedisServer:
+        """The master serving ``key``'s slot."""
+        with self.nodes[0].client() as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, (_, port, *_), *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(n for n in self.nodes if n.port == int(port))
+        raise LookupError(key)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
 
 
 # -- proxies as operators run them -------------------------------------------------------------------

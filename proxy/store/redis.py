@@ -1,6 +1,8 @@
 """Redis adapter: the ``EntryStore`` replicas share, its ``ChangeFeed``, and cross-replica ``Leases``.
 
-Layout (``<ns>`` is ``store.namespace``; keys and scopes are hex digests, nothing secret is kept)::
+Layout (``<ns>`` is ``store.namespace``, on a Redis Cluster ``{<ns>}`` so that every key of a
+namespace is in one hash slot, see redis_connect.py; keys and scopes are hex digests, nothing
+secret is kept)::
 
     <ns>:e:<key>      hash    s scope | x expires | m meta JSON | r response JSON | v float32 bytes
                               (Redis TTL = time left + a grace; reads check ``x`` on our clock)
@@ -30,18 +32,24 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from proxy.breaker import Breaker, BreakerSettings, BreakerState
+from proxy.config import RedisTarget, parse_redis_url
 from proxy.ports import Change, ChangeBatch, Clock, Entry, StoreStats, Vector
 
 from . import redis_lua as lua
 from .redis_codec import LoopLag, decode, encode, text, vector_row
+from .redis_connect import Client, Connection, connect, keyspace
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,12 @@ _GLOB = re.compile(r"([*?\[\]\\])")
 
 class StoreUnavailable(Exception):
     """Redis did not answer in time, refused, or its breaker is open: the cache serves a miss."""
+
+
+#: answers that are errors from a Redis that is up, yet mean the data cannot be reached right
+#: now: a cluster without a master for the slot or still re-routing it, a Sentinel master that
+#: was demoted (READONLY). They count towards the breaker like a timeout does
+_OUTAGES = (ClusterError, TryAgainError, ReadOnlyError, RedisClusterException)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,25 +94,17 @@ class RedisSettings:
     password: str | None = None
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class RedisStore:
-    """``EntryStore`` and ``ChangeFeed`` over one Redis (plain Redis 7, no modules)."""
+    """``EntryStore`` and ``ChangeFeed`` over a plain Redis 7 (no modules): one server, the master
+    of a Sentinel deployment, or one hash slot of a Redis Cluster."""
 
-    def __init__(self, *, url: str, namespace: str, clock: Clock, max_entries: int, max_bytes: int,
-                 settings: RedisSettings | None = None, dim: int | None = None,
+    def __init__(self, *, url: str | RedisTarget, namespace: str, clock: Clock, max_entries: int,
+                 max_bytes: int, settings: RedisSettings | None = None, dim: int | None = None,
                  on_state: Callable[[str], None] | None = None) -> None:
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("max_entries and max_bytes must be positive")
-        self._url = url
+        self._target = parse_redis_url(url) if isinstance(url, str) else url
+        self._where = self._target.describe()
         self._ns = namespace
         self._clock = clock
         self._max_entries = max_entries
@@ -106,17 +112,19 @@ class RedisStore:
         self._settings = settings or RedisSettings()
         self._dim = dim
         self._on_state = on_state
-        self._prefix = f"{namespace}:e:"
-        self._fixed = [f"{namespace}:{name}" for name in lua.FIXED_KEYS]
-        self._stream = f"{namespace}:changes"
-        self._evn = f"{namespace}:evn"
+        self._keyspace = base = keyspace(namespace, self._target)
+        self._prefix = f"{base}:e:"
+        self._fixed = [f"{base}:{name}" for name in lua.FIXED_KEYS]
+        self._stream = f"{base}:changes"
+        self._evn = f"{base}:evn"
         self._breaker = Breaker(BreakerSettings(failures_to_open=self._settings.breaker_failures,
                                                 open_s=self._settings.breaker_open_s), clock.monotonic)
         self._state = BreakerState.CLOSED
         self._last_failure = self._last_error = float("-inf")
         self._lag = LoopLag()
-        self._fast: Redis | None = None      # request path: tight budgets, no retries
-        self._slow: Redis | None = None      # background: scans, feed, flush
+        self._fast: Client | None = None     # request path: tight budgets, no retries
+        self._slow: Client | None = None     # background: scans, feed, flush
+        self._connections: list[Connection] = []
         self._scripts: dict[tuple[str, str], Any] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -124,6 +132,15 @@ class RedisStore:
     @property
     def namespace(self) -> str:
         return self._ns
+
+    @property
+    def keyspace(self) -> str:
+        """What every key of this store starts with (the namespace, hash-tagged on a Cluster)."""
+        return self._keyspace
+
+    @property
+    def topology(self) -> str:
+        return self._target.topology
 
     @property
     def settings(self) -> RedisSettings:
@@ -147,44 +164,45 @@ class RedisStore:
             async with asyncio.timeout(self._settings.background_timeout_s):
                 assert self._slow is not None
                 await self._slow.ping()
-            log.info("redis store at %s, namespace %r", redact(self._url), self._ns)
-        except (RedisError, OSError, TimeoutError) as exc:
+                if isinstance(self._fast, RedisCluster):
+                    # read the slot map now, not within the first request's budget
+                    await self._fast.initialize()
+            log.info("redis store at %s (%s), keys %r", self._where, self._target.topology,
+                     self._keyspace + ":*")
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.warning("redis at %s is not answering (%s); serving misses until it does",
-                        redact(self._url), type(exc).__name__)
+                        self._where, type(exc).__name__)
 
     async def close(self) -> None:
         await self._lag.close()
-        for client in (self._fast, self._slow):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+        for connection in self._connections:
+            await connection.close()
+        self._connections.clear()
         self._fast = self._slow = None
         self._scripts.clear()
 
-    def _client(self, *, max_connections: int, socket_timeout: float, pool_timeout: float) -> Redis:
-        pool = BlockingConnectionPool.from_url(
-            self._url, max_connections=max_connections, timeout=pool_timeout,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=max(self._settings.connect_timeout_s, 0.001),
-            retry=Retry(NoBackoff(), 0), health_check_interval=0,
-            **({"password": self._settings.password} if self._settings.password else {}))
-        return Redis(connection_pool=pool)
+    def _client(self, *, max_connections: int, socket_timeout: float, pool_timeout: float) -> Client:
+        connection = connect(self._target, password=self._settings.password, max_connections=max_connections,
+                             socket_timeout=socket_timeout, pool_timeout=pool_timeout,
+                             connect_timeout=self._settings.connect_timeout_s)
+        self._connections.append(connection)
+        return connection.client
 
-    def _script(self, client: Redis, name: str) -> Any:
+    def _script(self, client: Client, name: str) -> Any:
         which = "fast" if client is self._fast else "slow"
         script = self._scripts.get((which, name))
         if script is None:
             script = self._scripts[(which, name)] = client.register_script(getattr(lua, name))
         return script
 
-    async def _run(self, client: Redis, name: str, args: Sequence[Any], entry_key: str | None = None) -> Any:
+    async def _run(self, client: Client, name: str, args: Sequence[Any], entry_key: str | None = None) -> Any:
         keys = [*self._fixed, entry_key] if entry_key is not None else self._fixed
         return await self._script(client, name)(
             keys=keys, args=[self._prefix, self._settings.stream_maxlen, *args], client=client)
 
     # -- the request path: budget + breaker -------------------------------------------------------
 
-    async def _guarded(self, call: Callable[[Redis], Awaitable[T]], budget_s: float | None = None) -> T:
+    async def _guarded(self, call: Callable[[Client], Awaitable[T]], budget_s: float | None = None) -> T:
         client = self._fast
         if client is None:
             raise StoreUnavailable("redis store not started")
@@ -198,6 +216,9 @@ class RedisStore:
         except asyncio.CancelledError:
             self._breaker.cancel()
             raise
+        except _OUTAGES as exc:
+            self._failed()
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         except ResponseError as exc:
             # Redis is up and answering (out of memory, a script error): a miss, not an outage
             self._breaker.success()
@@ -270,8 +291,16 @@ class RedisStore:
                                            self._settings.write_timeout_s))
 
     async def clear(self) -> int:
-        """Forget every entry of the namespace and tell every replica's index (admin flush)."""
-        client = self._need_slow()
+        """Forget every entry of the namespace and tell every replica's index (admin flush).
+        ``StoreUnavailable`` when Redis is known to be away or does not answer."""
+        if self._breaker.state is BreakerState.OPEN:
+            raise StoreUnavailable("redis circuit breaker is open")
+        try:
+            return await self._clear(self._need_slow())
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    async def _clear(self, client: Client) -> int:
         total, first = 0, True
         while True:
             async with asyncio.timeout(self._settings.background_timeout_s):
@@ -388,18 +417,29 @@ class RedisStore:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _need_slow(self) -> Redis:
+    def _need_slow(self) -> Client:
         if self._slow is None:
             raise StoreUnavailable("redis store not started")
         return self._slow
 
-    async def _scan_keys(self, client: Redis, batch: int | None = None) -> AsyncIterator[list[bytes]]:
+    async def _scan_keys(self, client: Client, batch: int | None = None) -> AsyncIterator[list[bytes]]:
         match = _GLOB.sub(r"\\\1", self._prefix) + "*"
         cursor: int = 0
+        where: dict[str, Any] = {}
+        if isinstance(client, RedisCluster):
+            # SCAN reads one node: the one serving the namespace's slot (looked up once per scan;
+            # a slot moved while scanning is not followed, see docs/scaling.md)
+            async with asyncio.timeout(self._settings.background_timeout_s):
+                await client.initialize()
+            where["target_nodes"] = client.get_node_from_key(self._prefix)
         while True:
             async with asyncio.timeout(self._settings.background_timeout_s):
-                step: Any = await client.scan(cursor, match=match, count=batch or self._settings.scan_batch)
-            cursor, keys = int(step[0]), list(step[1])
+                step: Any = await client.scan(cursor, match=match, count=batch or self._settings.scan_batch,
+                                              **where)
+            position, found = step
+            if isinstance(position, dict):  # a cluster's answer: {node name: cursor}
+                position = next(iter(position.values()))
+            cursor, keys = int(position), list(found)
             if keys:
                 yield keys
             if cursor == 0:
@@ -419,7 +459,8 @@ class RedisLeases:
         self._held: dict[str, tuple[str, asyncio.Task[None]]] = {}
 
     def _key(self, key: str) -> str:
-        return f"{self._store.namespace}:lease:{key}"
+        # in the store's keyspace: the RENEW and RELEASE scripts touch it with the fixed keys
+        return f"{self._store.keyspace}:lease:{key}"
 
     async def acquire(self, key: str) -> bool:
         if key in self._held:

@@ -3,8 +3,9 @@ and the change stream happens in one script, so they never disagree and no reade
 
 Every script gets the same fixed keys (``KEYS[1..7]``) and the entry key prefix as ``ARGV[1]``,
 the stream's approximate cap as ``ARGV[2]``; script-specific values follow. Entry keys of victims
-(evicted or expired entries) are built from the prefix inside the script, which a single Redis
-node allows; on a Cluster every key would have to share one slot (a ``{hash tag}`` namespace).
+(evicted or expired entries) are built from the prefix inside the script, which a Cluster allows
+only for keys in the slot of the declared ones: there every key starts with the hash tag
+``{<namespace>}`` (redis_connect.keyspace), so all of them share one slot.
 """
 
 from __future__ import annotations

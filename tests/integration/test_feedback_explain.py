@@ -191,7 +191,9 @@ def test_no_cache_without_a_recent_semantic_hit_evicts_nothing(make_proxy: Any) 
 # -- thresholds per model; the header only tightens -----------------------------------------------
 
 def test_a_per_model_threshold_applies_and_the_header_only_tightens(make_proxy: Any) -> None:
-    url = make_proxy(cache={"model_thresholds": {"loose-*": 0.90}})
+    # the verifier off: NEAR is a paraphrase it doubts (P 0.61), and this is about thresholds
+    url = make_proxy(cache={"model_thresholds": {"loose-*": 0.90}, "guards": [
+        "time_sensitive", "numbers", "negation", "antonyms", "entities", "order"]})
     for auth in ("Bearer one", "Bearer two"):
         ask(url, NEAR[0], model="loose-model", auth=auth)
         ask(url, NEAR[0], auth=auth)
@@ -230,3 +232,97 @@ def test_without_a_language_model_chinese_gets_exact_caching_only(make_proxy: An
     assert ask(url, ZH[0]).headers["x-semcache"] == "exact"
     found = admin(url, "/admin/cache/explain", body(ZH[1])).json()
     assert found["semantic"] is False and found["reason"] == "language" and found["embedder"] is None
+
+
+# -- the verifier (the shipped model, the real embedder) -------------------------------------------
+
+def guard_count(url: str, guard: str) -> float:
+    return metric(url, "semcache_cache_guard_refusals_total", f'guard="{guard}"')
+
+
+def test_a_semantic_hit_is_refused_when_the_verifier_says_no(make_proxy: Any) -> None:
+    """The same paraphrase (MiniLM 0.99, no guard fires) is served or refused by the verifier
+    alone: its probability is above 0 and below 1, so the operating point decides."""
+    strict = make_proxy(cache={"verifier": {"min_probability": {"en": 0.999999}}})
+    ask(strict, PARAPHRASE[0])
+    found = admin(strict, "/admin/cache/explain", body(PARAPHRASE[1])).json()
+    assert "verifier" in found["guards"] and found["decision"] == "miss"
+    best = found["neighbours"][0]
+    assert best["refused_by"] == "verifier" and best["guards_fired"] == [] and best["above_threshold"]
+    assert 0.0 < best["verifier_score"] < 0.999999
+    refused = ask(strict, PARAPHRASE[1])
+    assert refused.headers["x-semcache"] == "miss"
+    assert PARAPHRASE[1] in refused.json()["choices"][0]["message"]["content"]
+    assert guard_count(strict, "verifier") == 1.0
+
+    lenient = make_proxy(cache={"verifier": {"min_probability": {"en": 0.0}}})
+    ask(lenient, PARAPHRASE[0])
+    assert ask(lenient, PARAPHRASE[1]).headers["x-semcache"] == "semantic"
+    assert guard_count(lenient, "verifier") == 0.0
+
+    off = make_proxy(cache={"guards": ["numbers"], "verifier": {"min_probability": {"en": 0.999999}}})
+    ask(off, PARAPHRASE[0])
+    assert ask(off, PARAPHRASE[1]).headers["x-semcache"] == "semantic"      # the switch turns it off
+    assert admin(off, "/admin/cache/explain", body(PARAPHRASE[1])).json()["neighbours"][0][
+        "verifier_score"] is None
+
+
+# -- per-entry floors learned from feedback ---------------------------------------------------------
+
+def test_a_hit_marked_wrong_raises_the_floor_of_its_entry(make_proxy: Any) -> None:
+    url = make_proxy(cache={"guards": []})
+    ask(url, PARAPHRASE[0])
+    served = ask(url, PARAPHRASE[1])
+    assert served.headers["x-semcache"] == "semantic"
+    similarity = float(served.headers["x-semcache-similarity"])
+    evicted = admin(url, "/admin/cache/feedback", body(PARAPHRASE[1])).json()
+    # the same question is asked and stored again, under the same key
+    assert ask(url, PARAPHRASE[0]).headers["x-semcache"] == "miss"
+    assert ask(url, PARAPHRASE[0]).headers["x-semcache"] == "exact"
+    found = admin(url, "/admin/cache/explain", body(PARAPHRASE[1])).json()
+    best = found["neighbours"][0]
+    assert best["key"] == evicted["evicted"]
+    assert best["floor"] == pytest.approx(similarity, abs=1e-4) and best["refused_by"] == "feedback"
+    # the paraphrase that was wrong is not served again by that entry
+    assert ask(url, PARAPHRASE[1]).headers["x-semcache"] == "miss"
+    assert guard_count(url, "feedback") == 1.0
+
+
+def test_without_floors_the_entry_serves_the_paraphrase_again(make_proxy: Any) -> None:
+    url = make_proxy(cache={"guards": [], "feedback_floors": 0})
+    ask(url, PARAPHRASE[0])
+    assert ask(url, PARAPHRASE[1]).headers["x-semcache"] == "semantic"
+    assert admin(url, "/admin/cache/feedback", body(PARAPHRASE[1])).status_code == 200
+    ask(url, PARAPHRASE[0])
+    assert ask(url, PARAPHRASE[1]).headers["x-semcache"] == "semantic"
+
+
+# -- the admin routes, fuzzed from their OpenAPI schemas --------------------------------------------
+
+@pytest.mark.parametrize("path", ["/admin/cache/explain", "/admin/cache/feedback"])
+def test_admin_routes_fuzzed_from_the_document_never_5xx(make_proxy: Any, path: str) -> None:
+    import orjson
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    from proxy.openapi import document
+
+    url = make_proxy()
+    ask(url, PARAPHRASE[0])
+    operation = schemathesis.openapi.from_dict(document())[path]["POST"]
+    statuses: list[int] = []
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def fuzz(case: Any) -> None:
+            response = case.call(base_url=url, timeout=30)
+            status = int(response.status_code)
+            assert status < 500, (case.body, status, response.text[:300])
+            if status >= 400:
+                assert set(orjson.loads(response.content)["error"]) == {"message", "type", "param", "code"}
+            statuses.append(status)
+
+        fuzz()
+    assert len(statuses) >= 25
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200

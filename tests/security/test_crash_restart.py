@@ -24,7 +24,7 @@ import requests
 
 from proxy.embedding import SentenceEmbedder
 from proxy.store.memory import SNAPSHOT_NAME, MemoryStore, read_snapshot
-from tests.redis_server import ProxyProcess, free_port
+from tests.redis_server import ProxyProcess, RedisServer, free_port
 from tests.security.conftest import TaggingUpstream, backend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,23 +235,42 @@ def test_start_up_with_the_backend_down_is_ready_and_says_so(make_proxy: Any) ->
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_start_up_with_redis_down_is_ready_and_says_so(make_proxy: Any) -> None:
-    url = make_proxy(store={"type": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+def test_start_up_with_redis_down_is_ready_and_says_so(make_proxy: Any, tmp_path: Path) -> None:
+    port = free_port()
+    url = make_proxy(store={"type": "redis", "redis_url": f"redis://127.0.0.1:{port}/0",
                             "namespace": "down", "startup_sync_timeout_s": 0.5})
+    # the very first answer already says Redis is away (its breaker has seen no call yet and
+    # would read "closed"), and the proxy is ready: a cache that is down is a miss, not an error
     ready = requests.get(url + "/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
-    # a cache that is down is a miss, never an error; after a few failed calls the store's
-    # breaker opens and readiness says so (it starts out "closed": nothing has failed yet)
+    assert ready.json()["cache.redis"] == "unreachable", ready.json()
     deadline = time.monotonic() + 10
     for i in range(1000):
-        body = {"model": "m", "messages": [{"role": "user", "content": f"redis down {i}?"}]}
+        body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": f"redis down {i}?"}]}
         resp = requests.post(url + "/v1/chat/completions", timeout=30, json=body)
         assert resp.status_code == 200 and resp.headers["x-semcache"] in ("miss", "bypass")
-        ready = requests.get(url + "/readyz", timeout=10)
-        assert ready.status_code == 200
-        if ready.json().get("cache.redis") not in (None, "closed"):
+        state = requests.get(url + "/readyz", timeout=10).json()
+        assert state["cache.redis"] != "closed", state     # never claimed healthy while down
+        if state["cache.redis"] == "open":                 # failed calls opened the breaker
             break
-        assert time.monotonic() < deadline, ready.json()
+        assert time.monotonic() < deadline, state
+    # Redis arrives: without any request the follower reaches it and the note follows
+    redis = RedisServer(tmp_path / "redis", port=port).start()
+    try:
+        deadline = time.monotonic() + 20
+        while (state := requests.get(url + "/readyz", timeout=10).json())["cache.index"] != "following":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.1)
+        assert state["cache.redis"] in ("closed", "open", "half_open"), state
+        assert state["cache.redis"] != "unreachable"
+    finally:
+        redis.kill()
+
+
+def test_start_up_with_redis_up_reads_closed_at_once(make_proxy: Any, redis_url: str) -> None:
+    url = make_proxy(store={"type": "redis", "redis_url": redis_url, "namespace": "up-at-start"})
+    state = requests.get(url + "/readyz", timeout=10).json()
+    assert state["cache.redis"] == "closed" and state["cache.index"] == "following", state
 
 
 # -- a stream the client abandons is not stored --------------------------------------------------
@@ -263,7 +282,8 @@ def test_stream_abandoned_mid_way_is_not_stored(make_proxy: Any,
     fake.chunk_delay_s = 0.05
     url = make_proxy(backends=backend(upstream_url))
     text = "Tell me a story I will not finish reading."
-    body = {"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": text}]}
+    body: dict[str, Any] = {"model": "deepseek-chat", "stream": True,
+                            "messages": [{"role": "user", "content": text}]}
     headers = {"Authorization": "Bearer sk-leaver", "User-Agent": "leaver"}
     with requests.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True,
                        timeout=30) as resp:

@@ -62,7 +62,7 @@ def test_redirects_from_the_backend_are_not_followed(make_proxy: Any,
     redirecting, upstream_url, target, _ = recorders
     url = make_proxy(backends=backend(upstream_url, retries=0, health_path="/health"),
                      routing={"health_interval_s": 0.1})
-    chat = {"model": "m", "messages": [{"role": "user", "content": "where do redirects go?"}]}
+    chat: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "where do redirects go?"}]}
     replies = [
         requests.post(url + "/v1/chat/completions", json=chat, timeout=10),
         requests.post(url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=10),

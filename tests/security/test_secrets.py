@@ -2,8 +2,10 @@
 
 Two real ``python -m proxy serve`` processes at log level DEBUG (one with the in-process store and
 its snapshot, one with Redis) get canaries: an upstream key through ``api_key_env``, an admin token
-through ``admin_token_env``, and a client key sent in pass-through mode. After a scripted run with
-hits, misses, streams, upstream errors, broken streams, bad input, admin calls and a SIGTERM, the
+through ``admin_token_env``, a metrics token through ``metrics_token_env`` and a client key sent in
+pass-through mode. After a scripted run with hits, misses, streams, upstream errors, broken
+streams, bad input, admin and scrape calls, requests aiohttp's parser refuses (quoting the client
+key in its error) and a SIGTERM, the
 canaries are searched for in the logs, /metrics, every response (headers and bodies), every file
 under the data dir (snapshot, tenant.key) and every key and value in Redis. Positive control: the
 fake upstream did receive both keys.
@@ -23,17 +25,30 @@ from bench.fake_upstream import FakeUpstream
 from proxy.config import ConfigError, parse_config
 from proxy.embedding import SentenceEmbedder
 from tests.redis_server import ProxyProcess, RedisServer
+from tests.security.test_hostile_input import raw_http
 
 UPSTREAM_CANARY = "sk-upstream-canary-" + uuid.uuid4().hex
 CLIENT_CANARY = "sk-client-canary-" + uuid.uuid4().hex
 ADMIN_CANARY = "admin-canary-" + uuid.uuid4().hex
-CANARIES = (UPSTREAM_CANARY, CLIENT_CANARY, ADMIN_CANARY)
+METRICS_CANARY = "metrics-canary-" + uuid.uuid4().hex
+CANARIES = (UPSTREAM_CANARY, CLIENT_CANARY, ADMIN_CANARY, METRICS_CANARY)
+
+#: requests aiohttp's own parser refuses, each carrying the client's key in the bytes it quotes
+#: in its error (an oversized Authorization, a request line, a header with a bad name)
+MALFORMED = [
+    b"GET /v1/models HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer " + CLIENT_CANARY.encode()
+    + b"x" * 9000 + b"\r\n\r\n",
+    b"GET /v1/models?k=" + CLIENT_CANARY.encode() + b" HTTP/1.1 extra\r\nHost: p\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: p\r\nBad Authorization: Bearer " + CLIENT_CANARY.encode()
+    + b"\r\n\r\n",
+]
 
 
 def config(upstream_url: str, models_dir: str, data_dir: Path, store: dict[str, Any]) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "log_level": "DEBUG", "admin_token_env": "CANARY_ADMIN_TOKEN",
-                   "drain_timeout_s": 5, "max_body_bytes": 65536},
+                   "metrics_token_env": "CANARY_METRICS_TOKEN", "drain_timeout_s": 5,
+                   "max_body_bytes": 65536},
         "backends": [
             # model "keyed-*": the proxy's own upstream key; anything else: the client's key
             {"name": "keyed", "base_url": upstream_url, "api_key_env": "CANARY_UPSTREAM_KEY",
@@ -78,9 +93,20 @@ def script(url: str) -> list[requests.Response]:
     out.append(requests.get(url + "/admin/cache/stats", headers=admin, timeout=30))
     out.append(requests.get(url + "/readyz", timeout=30))
     out.append(requests.get(url + "/openapi.json", timeout=30))
-    out.append(requests.get(url + "/", timeout=30))
-    out.append(requests.get(url + "/metrics", timeout=30))
+    scraper = {"Authorization": f"Bearer {METRICS_CANARY}"}
+    for path in ("/", "/metrics"):
+        out.append(requests.get(url + path, timeout=30))                                # 401
+        out.append(requests.get(url + path, headers=client, timeout=30))                # 401
+        out.append(requests.get(url + path, headers=scraper, timeout=30))
     return out
+
+
+def malformed(url: str) -> list[bytes]:
+    """aiohttp's plain-text 400s: they quote the offending bytes back to the sender (the same
+    connection, nobody else), so they are checked for status only; the log must not quote them."""
+    replies = [raw_http(url, data) for data in MALFORMED]
+    assert all(reply.startswith(b"HTTP/1.0 400 ") for reply in replies), [r[:80] for r in replies]
+    return replies
 
 
 def response_text(resp: requests.Response) -> str:
@@ -100,7 +126,8 @@ def test_canaries_never_leave_the_authorization_header(
         upstream: tuple[FakeUpstream, str], models_dir: str, tmp_path: Path) -> None:
     fake, upstream_url = upstream
     redis = RedisServer(tmp_path / "redis").start()
-    env = {"CANARY_UPSTREAM_KEY": UPSTREAM_CANARY, "CANARY_ADMIN_TOKEN": ADMIN_CANARY}
+    env = {"CANARY_UPSTREAM_KEY": UPSTREAM_CANARY, "CANARY_ADMIN_TOKEN": ADMIN_CANARY,
+           "CANARY_METRICS_TOKEN": METRICS_CANARY}
     memory = ProxyProcess("memory", tmp_path / "memory", config(
         upstream_url, models_dir, tmp_path / "memory" / "data", {}), env=env)
     shared = ProxyProcess("redis", tmp_path / "redis-proxy", config(
@@ -113,7 +140,12 @@ def test_canaries_never_leave_the_authorization_header(
         shared.wait_ready()
         seen_before = len(fake.auth_seen)
         responses = script(memory.url) + script(shared.url)
-        metrics = [requests.get(p.url + "/metrics", timeout=10).text for p in (memory, shared)]
+        for proc in (memory, shared):
+            malformed(proc.url)
+        metrics = [requests.get(p.url + "/metrics", timeout=10,
+                                headers={"Authorization": f"Bearer {METRICS_CANARY}"}).text
+                   for p in (memory, shared)]
+        assert all("semcache_requests_total" in text for text in metrics)
         memory.stop()
         shared.stop()
         assert memory.proc is not None and memory.proc.returncode == 0, memory.log_tail()
@@ -131,6 +163,9 @@ def test_canaries_never_leave_the_authorization_header(
     assert f"Bearer {UPSTREAM_CANARY}" in sent and f"Bearer {CLIENT_CANARY}" in sent
     logs = memory.log_text() + shared.log_text()
     assert " DEBUG " in logs and "backend keyed (openai) at http://127.0.0.1:" in logs
+    # the parser's refusals are logged, once each, as one line without the bytes they carried
+    assert logs.count("refused a malformed HTTP request from 127.0.0.1") == 2 * len(MALFORMED), logs[-3000:]
+    assert "Error handling request" not in logs and "Traceback" not in logs
     data_files = files_under(tmp_path / "memory" / "data") | files_under(tmp_path / "redis-proxy" / "data")
     assert any(path.name == "cache.snapshot" for path in data_files), list(data_files)
     assert any(path.name == "tenant.key" for path in data_files)

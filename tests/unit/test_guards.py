@@ -302,6 +302,72 @@ def test_order_quiet(a: str, b: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Chinese: negation (不/没/没有/未/别/无/非) and order around a directed word (到/比/喜欢/变成 ...)
+
+ZH_NEGATION_FIRE = [
+    ("苹果越狱怎么改字体", "苹果没越狱怎么改字体"),
+    ("这个药可以吃", "这个药不可以吃"),
+    ("他来了吗", "他没有来吗"),
+    ("下雨天出门", "下雨天别出门"),
+    ("手机已激活", "手机未激活"),
+]
+ZH_NEGATION_QUIET = [
+    ("这个好不好", "这个好吗"),                     # A-not-A: a question, not a negation
+    ("能不能退款", "可以退款吗"),
+    ("现在的快递公司都上班了没", "快递公司现在上班了么"),   # a closing 了没 asks
+    ("这家店不错", "这家店很好"),                   # 不错 = good
+    ("非常喜欢这首歌", "很喜欢这首歌"),              # 非常 = very
+    ("别人怎么看", "其他人怎么看"),                 # 别人 = others
+    ("未来的工作", "将来的工作"),                   # 未来 = future
+    ("他不来", "他没有来"),                         # both negated
+    ("男女区别是什么", "男女有什么不同"),           # 区别 / 不同 = difference
+]
+ZH_ORDER_FIRE = [
+    ("重庆到西安的火车票", "西安到重庆的火车票"),
+    ("左脸比右脸大", "右脸比左脸大"),
+    ("张翰喜欢郑爽吗", "郑爽喜欢张翰吗"),
+    ("冰变成水", "水变成冰"),
+    ("唐嫣喜欢谁", "谁喜欢唐嫣"),
+    ("财付通转账到支付宝", "支付宝转账到财付通"),
+]
+ZH_ORDER_QUIET = [
+    ("重庆到西安怎么坐车", "怎么坐车重庆到西安"),    # the same route, said in another order
+    ("猫和狗的区别", "狗和猫的区别"),               # 和 is symmetric
+    ("如何重置密码", "重置密码如何"),
+    ("重庆到西安的火车票", "重庆到西安的火车票"),
+    ("北京到上海", "北京到上海多远"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), ZH_NEGATION_FIRE, ids=ids(ZH_NEGATION_FIRE))
+def test_chinese_negation_fires(a: str, b: str) -> None:
+    assert negation_differs(a, b) and negation_differs(b, a)
+    assert check(a, b) == "negation"
+
+
+@pytest.mark.parametrize(("a", "b"), ZH_NEGATION_QUIET, ids=ids(ZH_NEGATION_QUIET))
+def test_chinese_negation_quiet(a: str, b: str) -> None:
+    assert not negation_differs(a, b) and not negation_differs(b, a)
+
+
+@pytest.mark.parametrize(("a", "b"), ZH_ORDER_FIRE, ids=ids(ZH_ORDER_FIRE))
+def test_chinese_order_fires(a: str, b: str) -> None:
+    assert order_swapped(a, b) and order_swapped(b, a)
+
+
+@pytest.mark.parametrize(("a", "b"), ZH_ORDER_QUIET, ids=ids(ZH_ORDER_QUIET))
+def test_chinese_order_quiet(a: str, b: str) -> None:
+    assert not order_swapped(a, b) and not order_swapped(b, a)
+
+
+def test_chinese_text_leaves_the_english_rules_alone() -> None:
+    reading = analyse("怎么安装 Python 3 呢")
+    assert reading.han == "怎么安装呢"
+    assert reading.content == ("python",)                 # a run of ideographs is not a word
+    assert reading.numbers == ("3",)
+
+
+# ------------------------------------------------------------------------------------------------
 # check() and the configuration
 
 CHECK: list[tuple[str, str, str | None]] = [
@@ -333,7 +399,9 @@ def test_check_runs_guards_in_order_and_honours_switches() -> None:
 
 
 def test_guards_config() -> None:
-    assert tuple(GUARDS) == ALL_GUARDS.enabled == tuple(f.name for f in dataclasses.fields(Guards))
+    assert tuple(GUARDS) == ALL_GUARDS.enabled == tuple(
+        f.name for f in dataclasses.fields(Guards) if f.name != "verifier")
+    assert Guards.only("numbers", "verifier").enabled == ("numbers",)   # the model is attached apart
     assert NO_GUARDS.enabled == ()
     assert Guards.only("entities").enabled == ("entities",)
     assert set(DEFAULT_GUARDS.enabled) <= set(GUARDS)
