@@ -256,6 +256,11 @@ class SemanticCache:
                           expires=now + self._settings.ttl_s)
             embedder = self._embedder_for(plan)
             if embed and plan.text is not None and vector is None and embedder is not None:
+                # a fresh answer to a question already cached (a no-cache request): same key, so
+                # same scope and text, so the stored vector still holds; re-embedding would take
+                # the entry out of the index for the length of a model call
+                vector = await self._vector_of(plan)
+            if embed and plan.text is not None and vector is None and embedder is not None:
                 # the exact entry goes in before the text is embedded, so a repeat arriving
                 # meanwhile is an exact hit rather than a miss or a semantic hit
                 await self._put(entry)
@@ -275,6 +280,12 @@ class SemanticCache:
             self._metrics.cache_error("store")
             log.warning("cache store failed: %s", type(exc).__name__)
             return "error"
+
+    async def _vector_of(self, plan: Plan) -> Vector | None:
+        old = await self._store.get(plan.key)
+        if old is None or old.vector is None or old.text != plan.text or old.scope != plan.scope:
+            return None
+        return old.vector
 
     async def _put(self, entry: Entry) -> None:
         for old in await self._store.put(entry):

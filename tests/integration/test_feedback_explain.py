@@ -177,10 +177,22 @@ def test_a_no_cache_retry_after_a_semantic_hit_evicts_that_entry(make_proxy: Any
     assert feedback_count(url, "retry") == 1.0
 
 
+def indexed(url: str, question: str, timeout: float = 10.0) -> None:
+    """Wait until ``question`` would be a semantic hit: answers are stored after they are sent,
+    and on a loaded machine the embedding may take a while."""
+    deadline = time.monotonic() + timeout
+    while admin(url, "/admin/cache/explain", body(question)).json()["decision"] != "semantic":
+        assert time.monotonic() < deadline, f"{question!r} never became a semantic hit"
+        time.sleep(0.05)
+
+
 def test_no_cache_without_a_recent_semantic_hit_evicts_nothing(make_proxy: Any) -> None:
     url = make_proxy(cache={"retry_feedback_s": 0.3})
     ask(url, PARAPHRASE[0])
+    indexed(url, PARAPHRASE[1])
     ask(url, PARAPHRASE[0], Cache_Control="no-cache")          # after an exact hit: no feedback
+    # the refreshed answer keeps its stored vector: the paraphrase is served at once, never missed
+    # while the fresh answer would otherwise be embedded again
     assert ask(url, PARAPHRASE[1]).headers["x-semcache"] == "semantic"
     time.sleep(0.5)                                             # past the window
     ask(url, PARAPHRASE[1], Cache_Control="no-cache")
