@@ -302,6 +302,25 @@ def _observed(answer: Answer) -> tuple[Any, ...]:
             orjson.dumps(data, option=orjson.OPT_SORT_KEYS) if data is not None else None)
 
 
+async def _stored(session: aiohttp.ClientSession, url: str, body: dict[str, Any], auth: str,
+                  within_s: float = 2.0) -> None:
+    """Wait until the answer just given is stored and indexed (answers are stored after they
+    are sent: on a loaded machine a fixed pause was not always enough), or ``within_s`` passed
+    (probes whose answers are never stored: the upstream error, the bodies explain refuses)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while asyncio.get_running_loop().time() < deadline:
+        async with session.post(url + "/admin/cache/explain", json=body,
+                                headers={"Authorization": auth}) as resp:
+            if resp.status != 200:
+                return
+            found = await resp.json()
+        if found.get("exact_hit") and (not found.get("semantic")
+                                       or any(n.get("key") == found.get("key")
+                                              for n in found.get("neighbours", []))):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def _oracle_run(url: str, prime: bool) -> tuple[list[Answer], list[Answer]]:
     """Alpha primes the cache with everything bravo will ask (or nothing), then bravo asks."""
     primed: list[Answer] = []
@@ -323,7 +342,7 @@ async def _oracle_run(url: str, prime: bool) -> tuple[list[Answer], list[Answer]
             path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
             seen.append(await ask(session, url, {"model": MODEL, **body},
                                   {"Authorization": BRAVO, "User-Agent": "bravo", **headers}, path=path))
-            await asyncio.sleep(0.3)   # each answer stored before the next probe
+            await _stored(session, url, {"model": MODEL, **body}, BRAVO)
         seen.append(await ask(session, url, {"model": MODEL, "messages": "not a list"},
                               {"Authorization": BRAVO}))
     return primed, seen
