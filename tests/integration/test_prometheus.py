@@ -146,23 +146,31 @@ def _chat(url: str, text: str, model: str = "deepseek-chat", expect: int = 200, 
     return str(resp.headers.get("x-semcache", ""))
 
 
-def _settle() -> None:
-    time.sleep(0.15)  # answers are stored just after they are sent
+def _settle(url: str, text: str, model: str = "deepseek-chat", within_s: float = 5.0) -> None:
+    """Answers are stored just after they are sent: wait until ``text`` is stored and indexed."""
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        found = requests.post(url + "/admin/cache/explain", json=body, timeout=10).json()
+        neighbours = found.get("neighbours", [])
+        if found.get("exact_hit") and any(n.get("key") == found.get("key") for n in neighbours):
+            return
+        time.sleep(0.05)
 
 
 def drive(main: str, faulty: str, fake: FakeUpstream, phase: int) -> None:
     """One round of traffic; every round makes fresh misses so that rates move."""
     tag = f"(round {phase})"
     assert _chat(main, f"What is the capital of France? {tag}") == "miss"
-    _settle()
+    _settle(main, f"What is the capital of France? {tag}")
     assert _chat(main, f"What is the capital of France? {tag}") == "exact"
     assert _chat(main, f"What is the capital of France? {tag}", stream=True) == "exact"
     assert _chat(main, f"Explain the offside rule in football. {tag}", stream=True) == "miss"
     _chat(main, "How do I reverse a list in Python?")
-    _settle()
+    _settle(main, "How do I reverse a list in Python?")
     assert _chat(main, "How can I reverse a list in Python?") == "semantic"
     _chat(main, "Is it safe to eat raw eggs?")
-    _settle()
+    _settle(main, "Is it safe to eat raw eggs?")
     _chat(main, "Is it not safe to eat raw eggs?")                     # guard refusal (first round)
     _chat(main, f"Tell me a joke about cats {tag}", headers={"Cache-Control": "no-store"})
     _chat(main, f"Tell me a joke about dogs {tag}", headers={"Cache-Control": "no-cache"})
@@ -173,7 +181,7 @@ def drive(main: str, faulty: str, fake: FakeUpstream, phase: int) -> None:
     _chat(main, f"Cut the stream short FAULT:nodone {tag}", stream=True)
     _chat(main, f"Flaky first two calls FAULT:503x2 {tag}")           # retry, then failover
     assert _chat(main, f"Run me on the local GPU {tag}", model="local-model") == "miss"
-    _settle()
+    _settle(main, f"Run me on the local GPU {tag}", model="local-model")
     assert _chat(main, f"Run me on the local GPU {tag}", model="local-model") == "exact"
     resp = _post(main, {"model": "deepseek-chat", "prompt": f"Say hello {tag}", "max_tokens": 10},
                  path="/v1/completions")
