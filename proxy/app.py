@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from . import verifier
 from .accounting import PriceTable, parse_prices
-from .appkeys import CACHE, CONFIG, METRICS_TEXT, PIPELINE, SECRETS, STATE, TENANT_SECRET, State
+from .appkeys import CACHE, CONFIG, METRICS, METRICS_TEXT, PIPELINE, SECRETS, STATE, TENANT_SECRET, State
 from .backends.openai import OpenAIBackend
 from .backends.router import Probe, build_router
 from .backends.vllm import VllmBackend
@@ -38,6 +38,7 @@ from .config import BackendConfig, Config, ConfigError, EmbeddingConfig, load_co
 from .embedding import BatchingEmbedder, SentenceEmbedder
 from .energy import PowerReader, energy_meter
 from .guards import Guards
+from .http_server import ProxyRunner
 from .index import FaissIndex
 from .metrics import PrometheusMetrics
 from .middleware import ParserErrorLog, make_middleware
@@ -191,6 +192,7 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None,
     app[CONFIG] = config
     app[SECRETS] = resolve_secrets(config, environ)
     app[STATE] = State(config=config, policy=make_policy(config))
+    app[METRICS] = metrics
     app[METRICS_TEXT] = lambda: generate_latest(registry)
     # replicas sharing a cache must hash credentials alike: the key then comes from the environment
     shared_secret = app[SECRETS].tenant_secret
@@ -389,11 +391,17 @@ class Server:
     def __init__(self, app: web.Application, config: Config) -> None:
         self._app = app
         self._config = config.server
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=config.server.drain_timeout_s,
-                                     # a client that hangs up cancels its handler, so a flight
-                                     # nobody waits for stops
-                                     handler_cancellation=True)
+        metrics = app[METRICS]
+
+        def refused(status: int) -> None:
+            metrics.request("other", status, "malformed", 0.0)
+
+        self._runner = ProxyRunner(app, handler_options={"access_log": None}, on_refused=refused,
+                                   handle_signals=False,
+                                   shutdown_timeout=config.server.drain_timeout_s,
+                                   # a client that hangs up cancels its handler, so a flight
+                                   # nobody waits for stops
+                                   handler_cancellation=True)
 
     async def start(self) -> str:
         """Listen; returns the base URL (with the real port when the config says 0)."""

@@ -11,6 +11,7 @@ from aiohttp import web
 from .cache import SemanticCache
 from .config import Config, Secrets
 from .pipeline import Pipeline, Policy
+from .ports import Metrics
 
 
 @dataclass(slots=True)
@@ -33,6 +34,8 @@ STATE = web.AppKey("state", State)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 CACHE: web.AppKey[SemanticCache | None] = web.AppKey("cache")
 TENANT_SECRET = web.AppKey("tenant_secret", bytes)
+#: the metrics port, for what is counted outside a route (the HTTP parser's refusals)
+METRICS = web.AppKey("metrics", Metrics)
 METRICS_TEXT: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics_text")
 #: how the request was answered (exact | semantic | miss | bypass | error | ...), for metrics
 RESULT = web.RequestKey("result", str)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from bench.fake_upstream import FakeUpstream
-from proxy.app import Overrides, build_app
+from proxy.app import Overrides, Server, build_app
 from proxy.config import BackendConfig, Config, EmbeddingConfig
 from proxy.embedding import SentenceEmbedder
 from tests.redis_server import RedisServer
@@ -96,25 +96,28 @@ ProxyFactory = Callable[..., str]
 def make_proxy(servers: ServerLoop, upstream: tuple[FakeUpstream, str], embedder: SentenceEmbedder,
                tmp_path: Path) -> Iterator[ProxyFactory]:
     """Start a proxy in front of the fake upstream; keyword arguments override config sections."""
-    runners: list[web.AppRunner] = []
+    started: list[Server] = []
 
     def factory(environ: dict[str, str] | None = None, **sections: Any) -> str:
         _, upstream_url = upstream
         raw: dict[str, Any] = {
             "backends": [BackendConfig(name="fake", base_url=upstream_url, api_key_env=None).model_dump()],
-            "store": {"data_dir": str(tmp_path / f"data{len(runners)}")},
+            "store": {"data_dir": str(tmp_path / f"data{len(started)}")},
+            # the product's own listening side (its HTTP parser errors are shaped there)
+            "server": {"host": "127.0.0.1", "port": 0, "drain_timeout_s": 2},
         }
         for name, value in sections.items():
             raw[name] = {**raw.get(name, {}), **value} if isinstance(value, dict) else value
         config = Config.model_validate(raw)
         app = build_app(config, environ=environ or {}, overrides=Overrides(embedder=embedder))
-        runner, url = servers.run(serve(app))
-        runners.append(runner)
+        server = Server(app, config)
+        url = servers.run(server.start())
+        started.append(server)
         return url
 
     yield factory
-    for runner in runners:
-        servers.run(runner.cleanup())
+    for server in started:
+        servers.run(server.drain())
 
 
 @pytest.fixture

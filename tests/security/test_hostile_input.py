@@ -248,8 +248,9 @@ HEADER_ABUSE = [
 def test_header_abuse_is_4xx_and_the_server_survives(proxy: str, name: str, headers: bytes) -> None:
     started = time.monotonic()
     reply = raw_http(proxy, request_bytes(GOOD, headers))
-    # aiohttp's HTTP parser answers these itself (a plain-text 400) before any handler runs
+    # most are refused by aiohttp's HTTP parser, before any handler runs: still OpenAI-shaped
     assert 400 <= status_of(reply) < 500, (name, reply[:200])
+    assert openai_error(reply)["type"] == "invalid_request_error"
     assert time.monotonic() - started < 2.0
     alive(proxy)
 
@@ -286,28 +287,60 @@ def test_broken_http_framing_is_4xx_and_the_server_survives(proxy: str, data: by
     reply = raw_http(proxy, data)
     if reply:   # the server may also just close the connection
         assert 400 <= status_of(reply) < 500, reply[:200]
+        assert openai_error(reply)["type"] == "invalid_request_error"
     alive(proxy)
 
 
 PARSER_ERRORS = [
-    b"GET /v1/models HTTP/1.1 extra\r\nHost: p\r\n\r\n",                   # bad request line
-    b"GET /v1/models HTTP/1.1\r\nHost: p\r\nBad Header: x\r\n\r\n",          # space in a name
-    b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",  # oversized
+    ("request-line", b"GET /v1/models HTTP/1.1 extra\r\nHost: p\r\n\r\n", b"extra"),
+    ("header-name", b"GET /v1/models HTTP/1.1\r\nHost: p\r\nBad Header: x\r\n\r\n", b"Bad Header"),
+    ("oversized-header", b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+     b"aaaaaaaa"),
+    ("oversized-authorization", b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer sk-"
+     + b"k" * 20_000 + b"\r\n\r\n", b"kkkkkkkk"),
+    ("bad-method", b"G\x00T /v1/models HTTP/1.1\r\nHost: p\r\n\r\n", b"G\x00T"),
+    ("bad-chunk-size", b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"zz\r\nhello\r\n0\r\n\r\n", b"zz"),
 ]
 
 
-@pytest.mark.parametrize("data", PARSER_ERRORS, ids=["request-line", "header-name", "oversized-header"])
-def test_parser_errors_are_aiohttp_plain_text_400s_as_documented(proxy: str, data: bytes) -> None:
-    """The residual documented in docs/security.md (invariant 5): aiohttp's HTTP parser answers
-    these itself, before routing and middlewares, and aiohttp 3.14 offers no supported hook to
-    shape that answer. If this starts failing because the answer is OpenAI-shaped JSON, aiohttp
-    has changed: update the document (and this test)."""
-    reply = raw_http(proxy, data)
-    assert status_of(reply) == 400, reply[:200]
+@pytest.mark.parametrize(("data", "echo"), [(d, e) for _, d, e in PARSER_ERRORS],
+                         ids=[n for n, _, _ in PARSER_ERRORS])
+def test_parser_errors_are_openai_shaped_and_quote_nothing(proxy: str, data: bytes, echo: bytes) -> None:
+    """aiohttp's HTTP parser refuses these before routing and middlewares; the proxy's protocol
+    handler (proxy/http_server.py) still answers in OpenAI's error shape, closes the connection
+    (the stream position is unknown) and never sends the offending bytes back."""
+    where = urlparse(proxy)
+    assert where.hostname is not None and where.port is not None
+    reply = b""
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):   # to EOF: a timeout here means it stayed open
+                reply += chunk
+    assert 400 <= status_of(reply) < 500, reply[:200]
     head, _, body = reply.partition(b"\r\n\r\n")
-    assert b"content-type: text/plain" in head.lower(), head
-    assert body and not body.startswith(b"{") and b'"error"' not in body, body[:200]
+    assert b"content-type: application/json" in head.lower(), head
+    error = openai_error(reply)
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] in ("malformed_http", "request_too_large")
+    assert error["message"].startswith("Malformed HTTP request")
+    assert echo not in body
     alive(proxy)
+
+
+def test_parser_refusals_are_counted(proxy: str) -> None:
+    def refused() -> float:
+        text = requests.get(proxy + "/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("semcache_requests_total{") and 'route="other"' in line
+                   and 'status_class="4xx"' in line)
+
+    before = refused()
+    for _, data, _ in PARSER_ERRORS[:3]:
+        assert status_of(raw_http(proxy, data)) == 400
+    assert refused() == before + 3
 
 
 def test_body_shorter_than_declared_then_hang_up(proxy: str) -> None:
