@@ -189,6 +189,7 @@ class EmbedderSpec(_Model):
     #: for ``embedding.routes``: the scripts this model understands (unset: the main section's)
     scripts: tuple[Script, ...] | None = None
     threads: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1, le=16)
     max_batch: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=8)
     #: similarity a semantic hit needs when this model embeds the prompt; it replaces
@@ -206,6 +207,10 @@ class EmbeddingConfig(_Model):
     runtime: EmbeddingRuntime = "onnx"
     #: intra-op threads for the runtime; 1 is fastest on a small busy machine
     threads: int = Field(1, ge=1)
+    #: model instances, each on its own thread, taking batches from one queue: the runtimes
+    #: release the GIL while they compute, so a second one uses a core the first leaves idle
+    #: under concurrent lookups (each holds its own copy of the weights)
+    workers: int = Field(1, ge=1, le=16)
     #: most texts embedded in one call; concurrent lookups queue into the next batch
     max_batch: int = Field(64, ge=1)
     #: the model's window in tokens; longer prompts get exact caching only
@@ -254,7 +259,8 @@ class EmbeddingConfig(_Model):
                                    else "onnx" if self.runtime == "e5" else self.runtime)
         return self.model_copy(update={
             "model": spec.model, "runtime": runtime, "scripts": spec.scripts or self.scripts,
-            "threads": spec.threads or self.threads, "max_batch": spec.max_batch or self.max_batch,
+            "threads": spec.threads or self.threads, "workers": spec.workers or self.workers,
+            "max_batch": spec.max_batch or self.max_batch,
             "max_tokens": spec.max_tokens or self.max_tokens, "languages": {}, "routes": {}})
 
     def models(self) -> dict[str, EmbeddingConfig]:

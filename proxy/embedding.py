@@ -1,8 +1,9 @@
 """sentence-transformers adapter for the Embedder port, and the micro-batching all adapters share.
 
-The model runs on one thread that this adapter owns, never on the event loop. Concurrent
-``embed`` calls are micro-batched without a timer: while one model call runs, whatever arrives
-queues up, and the next call takes all of it (up to ``max_batch`` texts). Under no load a lookup
+The model runs on threads that this adapter owns (``workers``, one model instance each), never
+on the event loop. Concurrent ``embed`` calls are micro-batched without a timer: while the
+model calls run, whatever arrives queues up, and the next free worker takes all of it (up to
+``max_batch`` texts). Under no load a lookup
 costs one model call and no waiting; under load the calls get wider instead of queueing deeper.
 That machinery is :class:`BatchingEmbedder`; an adapter subclasses it and supplies only how to
 load its model and how to encode a list of texts on the model thread (``proxy/embedding_e5.py``).
@@ -29,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,28 +118,31 @@ class _Slice:
 
 
 class BatchingEmbedder:
-    """The Embedder port's queueing and micro-batching over one model thread.
+    """The Embedder port's queueing and micro-batching over ``workers`` model threads.
 
-    Subclasses implement :meth:`_load_blocking` and :meth:`_encode_blocking`; both run on the
+    Each worker owns one model instance on its own thread and takes the next batch from the
+    one queue when it is free, so with two workers a batch runs while the next one fills.
+    Subclasses implement :meth:`_load_blocking` and :meth:`_encode_blocking`; both run on a
     model thread, never on the event loop."""
 
-    def __init__(self, config: EmbeddingConfig, *, executor: Executor | None = None,
-                 on_batch: BatchCallback | None = None, max_queue: int = _DEFAULT_MAX_QUEUE) -> None:
+    def __init__(self, config: EmbeddingConfig, *, on_batch: BatchCallback | None = None,
+                 max_queue: int = _DEFAULT_MAX_QUEUE) -> None:
         self._config = config
-        # A shared executor is safe: this adapter never has more than one call in flight.
-        self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="embedding")
+        # One thread per model instance: an instance never sees two calls at once, so
+        # adapters need no thread-safety of their own.
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"embedding{i}")
+                           for i in range(config.workers)]
         self._on_batch = on_batch
         self._max_queue = max_queue
-        self._model: Any = None
+        self._models: list[Any] = []
         self._dim = 0
         self._max_tokens = 0
         self._queue: deque[_Slice] = deque()
         self._queued_texts = 0
-        self._in_flight: list[_Slice] = []
+        self._in_flight: dict[int, list[_Slice]] = {}
         self._wake = asyncio.Event()
         self._starting = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
     @property
@@ -154,20 +158,20 @@ class BatchingEmbedder:
 
     @property
     def queued(self) -> int:
-        """Texts waiting for a model call (not counting the one running)."""
+        """Texts waiting for a model call (not counting the ones running)."""
         return self._queued_texts
 
     async def start(self) -> None:
         async with self._starting:
-            if self._model is None:
+            if not self._models:
                 await self._load()
 
     def _load_blocking(self) -> tuple[Any, int]:
-        """On the model thread: the loaded model and its window in tokens."""
+        """On a model thread: the loaded model and its window in tokens."""
         raise NotImplementedError
 
     def _encode_blocking(self, model: Any, texts: list[str]) -> tuple[Vector, list[int]]:
-        """On the model thread: unit vectors and untruncated token counts of ``texts``."""
+        """On a model thread: unit vectors and untruncated token counts of ``texts``."""
         raise NotImplementedError
 
     async def _load(self) -> None:
@@ -175,19 +179,27 @@ class BatchingEmbedder:
             raise EmbedderClosed("embedder is closed")
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        model, window = await loop.run_in_executor(self._executor, self._load_blocking)
-        vectors, _ = await loop.run_in_executor(self._executor, self._encode_blocking, model,
-                                                list(_WARM_UP))
-        if self._closed:
-            raise EmbedderClosed("embedder was closed while it started")
+        models: list[Any] = []
+        window = 0
+        # One after the other: the first may export or quantize the model into cache_dir,
+        # and the others then load that copy.
+        for executor in self._executors:
+            model, window = await loop.run_in_executor(executor, self._load_blocking)
+            vectors, _ = await loop.run_in_executor(executor, self._encode_blocking, model,
+                                                    list(_WARM_UP))
+            models.append(model)
+            if self._closed:
+                raise EmbedderClosed("embedder was closed while it started")
         self._dim = int(vectors.shape[1])
         # The config may only narrow the window: texts past the model's own would be truncated
         # silently and match anything that shares their first few hundred tokens.
         self._max_tokens = min(window or self._config.max_tokens, self._config.max_tokens)
-        self._model = model
-        self._task = asyncio.create_task(self._run(), name="embedding-batches")
-        log.info("embedding model %s ready (%s, dim %d, window %d) in %.1f s", self._config.model,
-                 self._config.runtime, self._dim, self._max_tokens, time.perf_counter() - started)
+        self._models = models
+        self._tasks = [asyncio.create_task(self._work(slot), name=f"embedding-batches-{slot}")
+                       for slot in range(len(models))]
+        log.info("embedding model %s ready (%s, dim %d, window %d, %d worker%s) in %.1f s",
+                 self._config.model, self._config.runtime, self._dim, self._max_tokens,
+                 len(models), "" if len(models) == 1 else "s", time.perf_counter() - started)
 
     async def embed(self, texts: Sequence[str]) -> Embedding:
         """Vectors and untruncated token counts, in the order of ``texts``.
@@ -198,8 +210,8 @@ class BatchingEmbedder:
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of texts, not one string")
         self._require_started()
-        if self._task is None or self._task.done():
-            raise EmbedderError("the embedding batch task has stopped")
+        if not any(not task.done() for task in self._tasks):
+            raise EmbedderError("the embedding batch tasks have stopped")
         batch = list(texts)
         if not batch:
             return Embedding(vectors=np.empty((0, self._dim), dtype=np.float32), tokens=())
@@ -217,34 +229,40 @@ class BatchingEmbedder:
 
     async def close(self) -> None:
         self._closed = True
-        await stop_task(self._task)
-        self._task = None
-        for piece in (*self._in_flight, *self._queue):
+        for task in self._tasks:
+            await stop_task(task)
+        self._tasks = []
+        running = [piece for pieces in self._in_flight.values() for piece in pieces]
+        for piece in (*running, *self._queue):
             if not piece.job.future.done():
                 piece.job.future.set_exception(EmbedderClosed("embedder closed before the text was embedded"))
-        self._in_flight = []
+        self._in_flight = {}
         self._queue.clear()
         self._queued_texts = 0
-        if self._owns_executor:
+        loop = asyncio.get_running_loop()
+        for executor in self._executors:
             # Shutting down with wait=True would block the loop until a running batch ends;
             # queueing a no-op behind it lets us wait for that without blocking.
             with contextlib.suppress(RuntimeError):
-                await asyncio.get_running_loop().run_in_executor(self._executor, _noop)
-            self._executor.shutdown(wait=True)
-        self._model = None
+                await loop.run_in_executor(executor, _noop)
+            executor.shutdown(wait=True)
+        self._models = []
 
     def _require_started(self) -> None:
         if self._closed:
             raise EmbedderClosed("embedder is closed")
-        if self._model is None:
+        if not self._models:
             raise EmbedderNotStarted("embedder is not started")
 
-    async def _run(self) -> None:
+    async def _work(self, slot: int) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while batch := self._take():
-                await self._embed_batch(batch)
+            batch = self._take()
+            if not batch:
+                # No await between the empty take and clear(): nothing can be queued unseen.
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._embed_batch(slot, batch)
 
     def _take(self) -> list[_Slice]:
         """Everything queued that fits in one model call, skipping callers that gave up."""
@@ -264,21 +282,22 @@ class BatchingEmbedder:
             size += piece.size
         return batch
 
-    async def _embed_batch(self, batch: list[_Slice]) -> None:
+    async def _embed_batch(self, slot: int, batch: list[_Slice]) -> None:
         texts = [text for piece in batch for text in piece.job.texts[piece.start:piece.stop]]
-        self._in_flight = batch
+        self._in_flight[slot] = batch
         started = time.perf_counter()
         try:
             vectors, tokens = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode_blocking, self._model, texts)
+                self._executors[slot], self._encode_blocking, self._models[slot], texts)
         except Exception as exc:
             log.warning("embedding a batch of %d texts failed: %r", len(texts), exc)
             for piece in batch:
                 if not piece.job.future.done():
                     piece.job.future.set_exception(exc)
-            self._in_flight = []
+            del self._in_flight[slot]
             return
-        self._in_flight = []
+        # (cancelled by close(): the batch stays in _in_flight, and close() fails its callers)
+        del self._in_flight[slot]
         self._report(len(texts), time.perf_counter() - started)
         offset = 0
         for piece in batch:

@@ -11,8 +11,10 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -299,6 +301,57 @@ async def test_close_fails_waiting_callers_clearly(model_cache: Path) -> None:
     await embedder.close()  # idempotent
 
 
+class ThreadLog(SentenceEmbedder):
+    """Records which model instance, on which thread, ran each model call."""
+
+    def __init__(self, config: EmbeddingConfig) -> None:
+        super().__init__(config)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def _encode_blocking(self, model: Any, texts: list[str]) -> tuple[Vector, list[int]]:
+        self.calls.append((threading.current_thread().name, id(model), len(texts)))
+        return super()._encode_blocking(model, texts)
+
+
+async def test_two_workers_share_the_queue_each_with_its_own_model(model_cache: Path) -> None:
+    embedder = ThreadLog(EmbeddingConfig(cache_dir=str(model_cache), workers=2, max_batch=4))
+    await embedder.start()
+    try:
+        texts = [f"Question {i}: how do I repair a {thing}?" for i, thing in
+                 enumerate(["bike", "roof", "sink", "fence"] * 8)]
+        alone = [(await embedder.embed([text])).vectors[0] for text in texts]
+        embedder.calls.clear()
+
+        results = await asyncio.gather(*(embedder.embed([text]) for text in texts))
+
+        for text, expected, result in zip(texts, alone, results, strict=True):
+            np.testing.assert_allclose(result.vectors[0], expected, atol=1e-4, err_msg=text)
+        assert sum(size for _, _, size in embedder.calls) == len(texts)
+        assert max(size for _, _, size in embedder.calls) <= 4
+        # both workers took batches, each always on its own thread with its own instance
+        pairs = {(thread, model) for thread, model, _ in embedder.calls}
+        assert len(pairs) == 2
+        assert len({thread for thread, _ in pairs}) == len({model for _, model in pairs}) == 2
+    finally:
+        await embedder.close()
+
+
+async def test_close_with_two_workers_busy_fails_every_caller(model_cache: Path) -> None:
+    embedder = await _started(EmbeddingConfig(cache_dir=str(model_cache), workers=2, max_batch=64))
+    first = asyncio.create_task(embedder.embed([f"{LONG} {i}" for i in range(64)]))
+    await until_taken(embedder)
+    second = asyncio.create_task(embedder.embed([f"{LONG} again {i}" for i in range(64)]))
+    await until_taken(embedder)           # both workers are inside a model call
+    waiting = asyncio.create_task(embedder.embed(["queued behind both"]))
+    await until_queued(embedder, 1)
+
+    await embedder.close()
+
+    for task in (first, second, waiting):
+        with pytest.raises(EmbedderClosed):
+            await task
+
+
 async def test_embed_before_start_is_an_error(model_cache: Path) -> None:
     embedder = SentenceEmbedder(EmbeddingConfig(cache_dir=str(model_cache)))
     with pytest.raises(EmbedderNotStarted):
@@ -342,7 +395,7 @@ async def test_the_int8_copy_is_made_offline_from_the_float_export_and_reused(
     config = EmbeddingConfig(quantize="int8", cache_dir=str(tmp_path))
     first = await _started(config)
     try:
-        assert isinstance(first._model, OnnxEncoder)
+        assert isinstance(first._models[0], OnnxEncoder)
         assert int8_file.stat().st_size < (folder / "onnx" / "model.onnx").stat().st_size
         assert sorted(p.name for p in (folder / "onnx").iterdir()) == ["model.onnx", "model_int8.onnx"]
         assert int8_file.stat().st_mode & 0o044 == 0o044   # readable by a proxy running as another user
