@@ -273,6 +273,8 @@ class Bench:
     prompts: Prompts | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     peer: bool = False
+    #: dotted config keys and values laid over cache_on.yaml (``--set``)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         up_port = free_port()
@@ -283,6 +285,9 @@ class Bench:
             port = free_port()
             config["server"]["port"] = port
             config["backends"][0]["base_url"] = self.urls["direct"]
+            if target == "on":
+                for key, value in self.overrides.items():
+                    set_dotted(config, key, value)
             path = self.tmp / f"proxy_{target}.yaml"
             path.write_text(yaml.safe_dump(config))
             self.proxies[target] = start_proxy(f"proxy_{target}", path, self.tmp)
@@ -495,6 +500,24 @@ def top_frames(path: Path, n: int = 15) -> dict[str, Any]:
     return {"samples": total, "self": share(own), "inclusive": share(incl)}
 
 
+def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """``config["a"]["b"] = value`` for ``key`` "a.b", making the sections on the way."""
+    *path, last = key.split(".")
+    for part in path:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            sys.exit(f"--set takes KEY=VALUE (e.g. embedding.workers=2), not {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="direct vs proxy benchmark (loopback, fake upstream)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (~2 min)")
@@ -509,6 +532,9 @@ def main() -> None:
     parser.add_argument("--peer", choices=("litellm",), help="also run LiteLLM's proxy as the peer "
                         "(its own virtualenv: python -m bench.peer_litellm --install, or make bench-peer)")
     parser.add_argument("--report", type=Path, help="only render the tables of a saved JSON file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the cache-on proxy's config (bench/configs/cache_on.yaml), "
+                        "e.g. --set embedding.workers=2; repeatable")
     args = parser.parse_args()
     if args.report:
         saved = json.loads(args.report.read_text())
@@ -541,7 +567,9 @@ def main() -> None:
     machine = machine_info()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="semcache-bench-") as tmp_name:
-        bench = Bench(sizes=sizes, tmp=Path(tmp_name), words=vocabulary(pairs), pairs=pairs, peer=peer)
+        bench = Bench(sizes=sizes, tmp=Path(tmp_name), words=vocabulary(pairs), pairs=pairs, peer=peer,
+                      overrides=parse_overrides(args.set))
+        bench.notes.update({f"set {k}": v for k, v in bench.overrides.items()})
         results: dict[str, list[dict[str, Any]]] = {}
         labels = {f"{sc.key}|{sc.c}|{sc.stream}": sc.label for sc in chosen}
         profile: dict[str, Any] = {}
