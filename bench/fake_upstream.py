@@ -215,9 +215,10 @@ class FakeUpstream:
         prompts = body.get("prompt")
         prompts = prompts if isinstance(prompts, list) else [prompts]
         finish = "length" if fault == "length" else "stop"
-        choices = [{"index": i, "text": self._answer(str(p)), "logprobs": None, "finish_reason": finish}
-                   for i, p in enumerate(prompts)]
-        usage = _usage(5 * len(prompts), sum(len(c["text"].split()) for c in choices))
+        texts = [self._answer(str(p)) for p in prompts]
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                   for i, text in enumerate(texts)]
+        usage = _usage(5 * len(prompts), sum(len(text.split()) for text in texts))
         ident = f"cmpl-fake{self.calls}"
         base = {"id": ident, "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model")}
@@ -225,12 +226,12 @@ class FakeUpstream:
             return web.json_response({**base, "choices": choices, "usage": usage})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for choice in choices:
-            for piece in _pieces(choice["text"]):
-                chunk = {**base, "choices": [{"index": choice["index"], "text": piece, "logprobs": None,
+        for index, text in enumerate(texts):
+            for piece in _pieces(text):
+                chunk = {**base, "choices": [{"index": index, "text": piece, "logprobs": None,
                                               "finish_reason": None}]}
                 await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-            chunk = {**base, "choices": [{"index": choice["index"], "text": "", "logprobs": None,
+            chunk = {**base, "choices": [{"index": index, "text": "", "logprobs": None,
                                           "finish_reason": finish}]}
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):

@@ -185,12 +185,13 @@ def main() -> None:
         store: dict[str, Any] = {"data_dir": str(root / "data"), "snapshot_interval_s": 5}
         if redis is not None:
             store.update({"type": "redis", "redis_url": redis.url, "namespace": "soak"})
-        config = {"server": {"host": "127.0.0.1", "port": port, "admin_token_env": None, "log_level": "INFO",
-                             "drain_timeout_s": 10},
-                  "backends": [{"name": "fake", "base_url": f"http://127.0.0.1:{upstream_port}",
-                                "api_key_env": None, "retries": 0}],
-                  "embedding": {"cache_dir": args.models_dir},
-                  "cache": {"max_entries": 5000}, "store": store}
+        config: dict[str, Any] = {
+            "server": {"host": "127.0.0.1", "port": port, "admin_token_env": None, "log_level": "INFO",
+                       "drain_timeout_s": 10},
+            "backends": [{"name": "fake", "base_url": f"http://127.0.0.1:{upstream_port}",
+                          "api_key_env": None, "retries": 0}],
+            "embedding": {"cache_dir": args.models_dir},
+            "cache": {"max_entries": 5000}, "store": store}
         config_path = root / "soak.yaml"
         config_path.write_text(yaml.safe_dump(config))
         proxy = start_proxy("proxy", config_path, root)
