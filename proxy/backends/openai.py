@@ -53,10 +53,14 @@ class OpenAIBackend:
         connector = aiohttp.TCPConnector(limit=self._config.max_concurrency, ttl_dns_cache=300)
         # total=None: streams may run as long as tokens keep coming (idle timeout guards them)
         timeout = aiohttp.ClientTimeout(total=None, connect=self._config.connect_timeout_s)
+        # No cookie jar: the session serves every tenant, so a cookie the backend set while
+        # answering one of them would ride along on everyone's later calls
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                              auto_decompress=True, trust_env=False)
+                                              auto_decompress=True, trust_env=False,
+                                              cookie_jar=aiohttp.DummyCookieJar())
         self._probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2),
-                                                    trust_env=False)
+                                                    trust_env=False,
+                                                    cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:

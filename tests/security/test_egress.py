@@ -29,6 +29,8 @@ class Recorder:
 
     hits: list[tuple[str, str]] = field(default_factory=list)
     redirect_to: str | None = None     # answer 307/302/301 to this base URL instead
+    cookies: list[str | None] = field(default_factory=list)   # the Cookie header of each request
+    set_cookie: str | None = None      # send this Set-Cookie with every answer
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -38,11 +40,14 @@ class Recorder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         await request.read()
         self.hits.append((request.method, request.raw_path))
+        self.cookies.append(request.headers.get("Cookie"))
         if self.redirect_to is not None:
             status = 307 if request.method == "POST" else 302
             return web.json_response({"redirected": True}, status=status,
                                      headers={"Location": self.redirect_to + request.raw_path})
-        return web.json_response({"object": "list", "data": [], "path": request.raw_path})
+        headers = {"Set-Cookie": self.set_cookie} if self.set_cookie else None
+        return web.json_response({"object": "list", "data": [], "path": request.raw_path},
+                                 headers=headers)
 
 
 @pytest.fixture
@@ -88,6 +93,28 @@ def recorder(servers: ServerLoop) -> Iterator[tuple[Recorder, str]]:
     runner, url = servers.run(serve(rec.app()))
     yield rec, url
     servers.run(runner.cleanup())
+
+
+def test_cookies_a_backend_sets_are_never_sent_back(make_proxy: Any,
+                                                    recorder: tuple[Recorder, str]) -> None:
+    """The proxy's upstream session keeps no cookie jar: a cookie the backend set while
+    answering one client (a session, a load balancer's affinity) would otherwise ride along
+    on every later call, whoever makes it. By host name, since aiohttp's jar ignores cookies
+    from IP addresses."""
+    rec, upstream_url = recorder
+    rec.set_cookie = "session=given-to-alice; Path=/"
+    url = make_proxy(backends=backend(upstream_url.replace("127.0.0.1", "localhost"),
+                                      health_path="off"))
+    for key in ("sk-alice", "sk-bob"):
+        resp = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                            timeout=10)
+        assert resp.status_code == 200, resp.text[:200]
+        assert "set-cookie" not in {k.lower() for k in resp.headers}
+        chat = {"model": "m", "messages": [{"role": "user", "content": f"hello from {key}"}]}
+        resp = requests.post(url + "/v1/chat/completions", json=chat, timeout=10,
+                             headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.text[:200]
+    assert len(rec.cookies) == 4 and rec.cookies == [None] * 4, rec.cookies
 
 
 def raw_request(url: str, target: bytes, extra: bytes = b"") -> bytes:
