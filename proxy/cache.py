@@ -143,8 +143,15 @@ class SemanticCache:
 
     async def lookup(self, plan: Plan, threshold: float, guards: Guards = NO_GUARDS) -> Lookup:
         try:
-            async with asyncio.timeout(self._settings.lookup_timeout_s):
-                return await self._lookup(plan, threshold, guards)
+            # The deadline starts now, but its timer is armed only for the semantic part: the
+            # exact read is bounded by the store itself (in process: no I/O; Redis: op_timeout_s),
+            # and an exact hit, the cheapest answer there is, should not pay for a timer.
+            deadline = asyncio.get_running_loop().time() + self._settings.lookup_timeout_s
+            entry = await self._store.get(plan.key)
+            if entry is not None and entry.scope == plan.scope:
+                return Hit(entry, "exact", 1.0)
+            async with asyncio.timeout_at(deadline):
+                return await self._semantic(plan, threshold, guards)
         except Exception as exc:  # a broken cache is a miss, never a failed request
             self._metrics.cache_error("lookup")
             log.warning("cache lookup failed, serving as a miss: %s", type(exc).__name__)
@@ -164,10 +171,7 @@ class SemanticCache:
             return None
         return entry
 
-    async def _lookup(self, plan: Plan, threshold: float, guards: Guards) -> Lookup:
-        entry = await self._store.get(plan.key)
-        if entry is not None and entry.scope == plan.scope:
-            return Hit(entry, "exact", 1.0)
+    async def _semantic(self, plan: Plan, threshold: float, guards: Guards) -> Lookup:
         embedder = self._embedder_for(plan)
         if plan.text is None or embedder is None:
             return Miss(vector=None, best=None)

@@ -106,7 +106,8 @@ class EntryStore(Protocol):
     """Keeps entries by exact key, bounded by count, bytes and TTL."""
 
     async def get(self, key: str) -> Entry | None:
-        """The live entry, or None (also for expired ones). Touches LRU order."""
+        """The live entry, or None (also for expired ones). Touches LRU order. Bounded in time
+        by the store itself (an exact hit is answered without a timer around this call)."""
         ...
 
     async def put(self, entry: Entry) -> list[Entry]:

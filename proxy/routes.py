@@ -31,8 +31,11 @@ VALIDATORS = {"chat": schemas.validate_chat, "completions": schemas.validate_com
 async def _read_body(request: web.Request) -> bytes:
     """The whole body within server.body_timeout_s and max_body_bytes (decompressed)."""
     config = request.app[CONFIG].server
+    # A body that came whole with its headers (the usual small POST) is read without waiting, so
+    # it needs no timer: one call_at and one cancel fewer on every request
+    budget = None if request.content.is_eof() else config.body_timeout_s
     try:
-        async with asyncio.timeout(config.body_timeout_s):
+        async with asyncio.timeout(budget):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"Request body exceeds the limit of {config.max_body_bytes} bytes.") from None
