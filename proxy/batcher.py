@@ -82,6 +82,8 @@ class Batcher:
         # running call tasks: the waiters each serves, and how many of them still count in
         # the queue's depth (until the call holds a slot)
         self._calls: dict[asyncio.Task[Any], _Call] = {}
+        # callers' tasks running their call themselves (_send_now), for close() to stop
+        self._callers: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     @property
@@ -107,6 +109,8 @@ class Batcher:
         calls = list(self._calls)
         for task in calls:
             task.cancel()
+        for caller in self._callers:
+            caller.cancel()   # _send_now turns this into BackendFailure for its caller
         await asyncio.gather(*calls, return_exceptions=True)
         self._report_depth()
         await self._inner.close()
@@ -132,6 +136,9 @@ class Batcher:
                 raise Overloaded(f"Backend {self.name} has {self._queue.depth} requests queued; "
                                  "try again shortly.", code="queue_full",
                                  retry_after=decision.retry_after_s)
+        if (len(decisions) == 1 and isinstance(decisions[0], Flush)
+                and decisions[0].items == (waiter,) and not self._slots.locked()):
+            return await self._send_now(waiter)
         self._apply(decisions)
         try:
             return await waiter.future
@@ -253,6 +260,36 @@ class Batcher:
             if not passed:
                 self._slots.release()
 
+    async def _send_now(self, waiter: _Waiter) -> UpstreamResponse:
+        """A request flushed alone at once, with a slot free (the usual case without a window):
+        the call runs in the caller's own task instead of a call task that hands its answer over,
+        with the same slot, depth and metrics. Cancelling the caller cancels the call."""
+        self._metrics.batch(self.name, 1, 0.0)
+        await self._slots.acquire()   # a slot is free: this returns without suspending
+        self._queue.dispatched(1)
+        self._report_depth()
+        caller = asyncio.current_task()
+        assert caller is not None
+        self._callers.add(caller)
+        passed = False
+        try:
+            resp = await self._inner.send(waiter.request)
+            if resp.chunks is not None:
+                resp, passed = self._stream_holding_slot(resp), True
+            return resp
+        except asyncio.CancelledError:
+            # close() cancelled the call, not the caller's own cancellation: fail it as a
+            # call task's waiter would be failed
+            if self._closed and caller.uncancel() == 0:
+                raise BackendFailure(f"backend {self.name} is shutting down") from None
+            raise
+        except Exception as exc:
+            raise self._proxy_error(exc) from None
+        finally:
+            self._callers.discard(caller)
+            if not passed:
+                self._slots.release()
+
     async def _run_merged(self, items: tuple[_Waiter, ...]) -> None:
         await self._acquire()
         live = [waiter for waiter in items if waiter.live]
@@ -350,12 +387,16 @@ class Batcher:
             _discard(resp)  # its caller left: nobody will read or release this answer
 
     def _fail(self, waiters: Sequence[_Waiter], exc: Exception) -> None:
-        if not isinstance(exc, ProxyError):
-            log.error("batch call for %s failed unexpectedly", self.name, exc_info=exc)
-            exc = BackendFailure(f"backend {self.name} call failed ({type(exc).__name__})")
+        error = self._proxy_error(exc)
         for waiter in waiters:
             if waiter.live:
-                waiter.future.set_exception(exc)
+                waiter.future.set_exception(error)
+
+    def _proxy_error(self, exc: Exception) -> ProxyError:
+        if isinstance(exc, ProxyError):
+            return exc
+        log.error("batch call for %s failed unexpectedly", self.name, exc_info=exc)
+        return BackendFailure(f"backend {self.name} call failed ({type(exc).__name__})")
 
 
 def _discard(resp: UpstreamResponse) -> None:

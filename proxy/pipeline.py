@@ -249,6 +249,8 @@ class Pipeline:
 
     async def _forward(self, req: ApiRequest, target: _Target | None, label: str) -> Reply:
         """Join a flight already answering this question, or start one, and follow it."""
+        if target is None and not req.body.get("stream"):
+            return await self._forward_alone(req, label)
         flight = self._join(target)
         if flight is None and target is not None and target.join and self._cache is not None:
             # a slow lookup can miss a call that finished meanwhile: its answer is stored now
@@ -268,6 +270,24 @@ class Pipeline:
         except BaseException:
             flight.unsubscribe()
             raise
+
+    async def _forward_alone(self, req: ApiRequest, label: str) -> Reply:
+        """A call nobody can share (cache off, no-store, n > 1 ...) and nobody streams: nothing
+        outlives the request, so the call runs in the request's own task rather than a flight
+        task that hands the answer over. A client that leaves cancels it, as with a flight."""
+        flight = Flight(key="", scope=None, vector=None, streaming=False)
+        backend = self._route_backend(str(req.body["model"]))
+        work = self._fly(flight, req, backend, None)
+        if self._energy is not None:
+            work = self._energy.track(backend.name, work)
+        try:
+            await work
+        except Exception as exc:   # as a flight task that crashed: logged, answered 502
+            log.error("backend call for %s failed: %r", backend.name, exc)
+        if flight.outcome is None:
+            flight.finish(Outcome(502, {}, error=BackendFailure("the backend call was abandoned")))
+        flight.subscribe()
+        return await self._follow(req, flight, label)
 
     def _join(self, target: _Target | None) -> Flight | None:
         """The in-flight call this miss may share: same exact key, or a similar question."""

@@ -38,6 +38,7 @@ class ScriptedBackend:
         self.peak = 0
         self.cancelled = 0
         self.list_status: int | None = None    # answer a list of prompts with this status
+        self.tasks: list[asyncio.Task[Any] | None] = []   # the task each call ran in
 
     async def start(self) -> None: ...
 
@@ -46,6 +47,7 @@ class ScriptedBackend:
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         body = orjson.loads(request.body)
         self.calls.append(body)
+        self.tasks.append(asyncio.current_task())
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:
@@ -281,6 +283,39 @@ async def test_close_fails_requests_whose_call_is_under_way() -> None:
     with pytest.raises(BackendFailure):
         await asyncio.wait_for(running, 1)
     assert rig.backend.cancelled == 1
+
+
+async def test_without_a_window_a_free_slot_runs_the_call_in_the_callers_task() -> None:
+    rig = Rig(max_wait_s=0.0, max_concurrency=1, delay_s=0.05)
+
+    async def ask(prompt: str) -> tuple[asyncio.Task[Any] | None, str]:
+        return asyncio.current_task(), text_of(await rig.batcher.send(completion(prompt)))
+
+    first = asyncio.create_task(ask("one"))
+    await asyncio.sleep(0.01)
+    # the only slot is taken: this one waits for it in a call task of the batcher's own
+    second = asyncio.create_task(ask("two"))
+    (task_one, text_one), (_, text_two) = await asyncio.gather(first, second)
+    assert (text_one, text_two) == ("re: one", "re: two")
+    assert rig.backend.tasks[0] is task_one is first
+    assert rig.backend.tasks[1] is not None and rig.backend.tasks[1] is not second
+    assert rig.backend.peak == 1
+    assert rig.sample("semcache_batch_size_count") == 2 and rig.sample("semcache_queue_depth") == 0
+    # the slot came back both ways: a third request runs at once, in its own task again
+    third = asyncio.create_task(ask("three"))
+    assert (await third)[1] == "re: three" and rig.backend.tasks[2] is third
+
+
+async def test_a_caller_cancelled_during_its_own_call_is_cancelled_and_frees_the_slot() -> None:
+    rig = Rig(max_wait_s=0.0, max_concurrency=1, delay_s=5.0)
+    running = asyncio.create_task(rig.batcher.send(completion("slow")))
+    await asyncio.sleep(0.05)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert rig.backend.cancelled == 1
+    rig.backend.delay_s = 0.0
+    assert text_of(await asyncio.wait_for(rig.batcher.send(completion("next")), 1)) == "re: next"
 
 
 # -- through the real proxy, to the fake upstream ----------------------------------------------
