@@ -276,7 +276,8 @@ class VerifierConfig(_Model):
     """The learned second-stage check (``verifier`` in ``cache.guards``)."""
 
     #: model files (bench/train_verifier.py writes them); empty: the ones shipped in proxy/
-    #: (verifier_en.json, for all-MiniLM-L6-v2; a Chinese one is trained but not shipped:
+    #: (verifier_en.json for all-MiniLM-L6-v2, verifier_en_int8.json for its int8 copy; a
+    #: Chinese one is trained but not shipped:
     #: docs/quality.md). A model judges only prompts of its language embedded by the model it
     #: was trained on
     models: tuple[str, ...] = ()
