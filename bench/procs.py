@@ -76,12 +76,12 @@ class Service:
     """A long-running child process (fake upstream or proxy) with its log in ``log_dir``."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path, *, env: dict[str, str] | None = None,
-                 tree: bool = False) -> None:
+                 tree: bool = False, cwd: Path = ROOT) -> None:
         self.name = name
         self.tree = tree
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env if env is not None else bench_env(),
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env if env is not None else bench_env(),
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -197,9 +197,11 @@ def start_upstream(log_dir: Path, port: int) -> Service:
     return svc
 
 
-def start_proxy(name: str, config_path: Path, log_dir: Path, env: dict[str, str] | None = None) -> Service:
+def start_proxy(name: str, config_path: Path, log_dir: Path, env: dict[str, str] | None = None,
+                cwd: Path = ROOT) -> Service:
+    """``python -m proxy serve``; ``cwd`` picks the source tree whose ``proxy`` package runs."""
     return Service(name, [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)], log_dir,
-                   env=env)
+                   env=env, cwd=cwd)
 
 
 def pid_cpu_s(pid: int) -> float:
