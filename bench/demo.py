@@ -26,14 +26,16 @@ import openai
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import Service, free_port, http_get, start_proxy
+from bench.procs import ROOT, Service, free_port, http_get, start_proxy
+from proxy.config import load_config
 from tests.llamacpp import MODEL_ALIAS, LlamaServer, unavailable
 
 TIME_LIMIT_S = 115
 MAX_TOKENS = 48
 
-# (question, what to expect): paraphrases chosen so the default threshold (0.97) shows both
-# sides, a near miss the guards refuse, and a burst of identical questions sharing one call
+# (question, what to expect): paraphrases chosen so the shipped model and threshold (int8 MiniLM
+# at 0.965, config/proxy.yaml) show both sides, a near miss the guards refuse, a paraphrase the
+# learned verifier refuses, and a burst of identical questions sharing one call
 SCRIPT: list[tuple[str, str]] = [
     ("What is the capital of France?", "a new question: the model answers"),
     ("What is the capital of France?", "asked again: exact hit"),
@@ -41,7 +43,8 @@ SCRIPT: list[tuple[str, str]] = [
     ("How do I make a cup of tea?", "new"),
     ("How do you make a cup of tea?", "a paraphrase: semantic hit"),
     ("Explain photosynthesis in simple words.", "new"),
-    ("Explain photosynthesis in simple terms.", "a paraphrase: semantic hit"),
+    ("Explain photosynthesis in simple terms.",
+     "a paraphrase the verifier refuses (one word swapped): a miss, the price of fewer wrong hits"),
     ("What is the capital of Germany?", "looks alike, means something else: a miss"),
     ("What is the best way to make tea?", "a looser paraphrase, below the threshold: a miss"),
 ]
@@ -49,12 +52,15 @@ BURST = ("Name three primary colours.", 3)
 
 
 def config(port: int, llama_url: str) -> dict[str, Any]:
+    shipped = load_config(ROOT / "config" / "proxy.yaml")   # its model, workers and threshold
     return {
         "server": {"host": "127.0.0.1", "port": port, "admin_token_env": None, "log_level": "WARNING"},
         "backends": [{"name": "llama", "type": "vllm", "base_url": llama_url, "api_key_env": None,
                       "models": ["*"], "max_concurrency": 8}],
+        "embedding": {"quantize": shipped.embedding.quantize, "workers": shipped.embedding.workers,
+                      "cache_dir": shipped.embedding.cache_dir},
         # answers cut at max_tokens end with "length"; the demo keeps them short on purpose
-        "cache": {"store_finish_reasons": ["stop", "length"]},
+        "cache": {"store_finish_reasons": ["stop", "length"], "threshold": shipped.cache.threshold},
         "store": {"data_dir": ""},
     }
 
