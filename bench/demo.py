@@ -26,8 +26,7 @@ import openai
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import ROOT, Service, free_port, http_get, start_proxy
-from proxy.config import load_config
+from bench.procs import Service, free_port, http_get, shipped_model, start_proxy
 from tests.llamacpp import MODEL_ALIAS, LlamaServer, unavailable
 
 TIME_LIMIT_S = 115
@@ -52,15 +51,14 @@ BURST = ("Name three primary colours.", 3)
 
 
 def config(port: int, llama_url: str) -> dict[str, Any]:
-    shipped = load_config(ROOT / "config" / "proxy.yaml")   # its model, workers and threshold
+    embedding, threshold = shipped_model()
     return {
         "server": {"host": "127.0.0.1", "port": port, "admin_token_env": None, "log_level": "WARNING"},
         "backends": [{"name": "llama", "type": "vllm", "base_url": llama_url, "api_key_env": None,
                       "models": ["*"], "max_concurrency": 8}],
-        "embedding": {"quantize": shipped.embedding.quantize, "workers": shipped.embedding.workers,
-                      "cache_dir": shipped.embedding.cache_dir},
+        "embedding": embedding,
         # answers cut at max_tokens end with "length"; the demo keeps them short on purpose
-        "cache": {"store_finish_reasons": ["stop", "length"], "threshold": shipped.cache.threshold},
+        "cache": {"store_finish_reasons": ["stop", "length"], "threshold": threshold},
         "store": {"data_dir": ""},
     }
 

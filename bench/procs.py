@@ -197,6 +197,17 @@ def start_upstream(log_dir: Path, port: int) -> Service:
     return svc
 
 
+def shipped_model() -> tuple[dict[str, Any], float]:
+    """The embedding settings (model, runtime, quantize, workers, cache_dir) and the threshold of
+    config/proxy.yaml, for the tools that should run what `make run` serves."""
+    from proxy.config import load_config   # here: the load generator imports this module too
+
+    shipped = load_config(ROOT / "config" / "proxy.yaml")
+    embedding = shipped.embedding
+    return ({"model": embedding.model, "runtime": embedding.runtime, "quantize": embedding.quantize,
+             "workers": embedding.workers, "cache_dir": embedding.cache_dir}, shipped.cache.threshold)
+
+
 def start_proxy(name: str, config_path: Path, log_dir: Path, env: dict[str, str] | None = None,
                 cwd: Path = ROOT) -> Service:
     """``python -m proxy serve``; ``cwd`` picks the source tree whose ``proxy`` package runs."""

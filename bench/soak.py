@@ -30,8 +30,7 @@ import aiohttp
 import orjson
 import yaml
 
-from bench.procs import ROOT, Service, free_port, get_json, start_proxy, start_upstream
-from proxy.config import load_config
+from bench.procs import ROOT, Service, free_port, get_json, shipped_model, start_proxy, start_upstream
 
 TOPICS = ("boil an egg", "peel a potato", "slice an onion", "store fresh basil", "freeze a ripe mango",
           "roast a pumpkin", "wash green beans", "grow a cucumber", "choose sweet corn", "cook brown rice",
@@ -183,7 +182,7 @@ def main() -> None:
 
             redis = RedisServer(root / "redis").start()
         port = free_port()
-        shipped = load_config(ROOT / "config" / "proxy.yaml")
+        embedding, threshold = shipped_model()
         store: dict[str, Any] = {"data_dir": str(root / "data"), "snapshot_interval_s": 5}
         if redis is not None:
             store.update({"type": "redis", "redis_url": redis.url, "namespace": "soak"})
@@ -194,9 +193,8 @@ def main() -> None:
                           "api_key_env": None, "retries": 0}],
             # the shipped config's model and threshold (the int8 copy at 0.965), so a soak
             # exercises what `make run` serves
-            "embedding": {"cache_dir": args.models_dir, "workers": shipped.embedding.workers,
-                          "quantize": shipped.embedding.quantize},
-            "cache": {"max_entries": 5000, "threshold": shipped.cache.threshold}, "store": store}
+            "embedding": {**embedding, "cache_dir": args.models_dir},
+            "cache": {"max_entries": 5000, "threshold": threshold}, "store": store}
         config_path = root / "soak.yaml"
         config_path.write_text(yaml.safe_dump(config))
         proxy = start_proxy("proxy", config_path, root)

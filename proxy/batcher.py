@@ -244,18 +244,26 @@ class Batcher:
         await self._send_holding(waiter)
 
     async def _send_holding(self, waiter: _Waiter) -> None:
-        """Send one request with a slot held; the slot is freed when the answer is complete
-        (a stream's when it ends or is released)."""
-        passed = False
+        """Send one request with a slot held, and hand its answer (or failure) to the waiter."""
+        if not waiter.live:
+            self._slots.release()
+            return
         try:
-            if not waiter.live:
-                return
-            resp = await self._inner.send(waiter.request)
-            if resp.chunks is not None:
-                resp, passed = self._stream_holding_slot(resp), True
-            self._deliver(waiter, resp)
+            resp = await self._call_holding(waiter.request)
         except Exception as exc:
             self._fail((waiter,), exc)
+            return
+        self._deliver(waiter, resp)
+
+    async def _call_holding(self, request: UpstreamRequest) -> UpstreamResponse:
+        """The call, with a slot already held; the slot is freed when the answer is complete
+        (a stream's when it ends or is released), or when the call fails or is cancelled."""
+        passed = False
+        try:
+            resp = await self._inner.send(request)
+            if resp.chunks is not None:
+                resp, passed = self._stream_holding_slot(resp), True
+            return resp
         finally:
             if not passed:
                 self._slots.release()
@@ -271,12 +279,8 @@ class Batcher:
         caller = asyncio.current_task()
         assert caller is not None
         self._callers.add(caller)
-        passed = False
         try:
-            resp = await self._inner.send(waiter.request)
-            if resp.chunks is not None:
-                resp, passed = self._stream_holding_slot(resp), True
-            return resp
+            return await self._call_holding(waiter.request)
         except asyncio.CancelledError:
             # close() cancelled the call, not the caller's own cancellation: fail it as a
             # call task's waiter would be failed
@@ -287,8 +291,6 @@ class Batcher:
             raise self._proxy_error(exc) from None
         finally:
             self._callers.discard(caller)
-            if not passed:
-                self._slots.release()
 
     async def _run_merged(self, items: tuple[_Waiter, ...]) -> None:
         await self._acquire()
