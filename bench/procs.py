@@ -200,7 +200,7 @@ def start_upstream(log_dir: Path, port: int) -> Service:
 def shipped_model() -> tuple[dict[str, Any], float]:
     """The embedding settings (model, runtime, quantize, workers, cache_dir) and the threshold of
     config/proxy.yaml, for the tools that should run what `make run` serves."""
-    from proxy.config import load_config   # here: the load generator imports this module too
+    from proxy.config import load_config  # here: the load generator imports this module too
 
     shipped = load_config(ROOT / "config" / "proxy.yaml")
     embedding = shipped.embedding
