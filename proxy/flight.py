@@ -72,6 +72,12 @@ class Flight:
                 self.head = (outcome.status, outcome.headers)
             self._notify()
 
+    def abandon(self) -> None:
+        """End a call that stopped (cancelled, crashed) before it finished: wake anyone waiting.
+        A no-op once the call has its outcome."""
+        if self.outcome is None:
+            self.finish(Outcome(502, {}, error=BackendFailure("the backend call was abandoned")))
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -153,9 +159,7 @@ class FlightTable:
 
     def _done(self, flight: Flight) -> None:
         self._remove(flight)
-        if flight.outcome is None:
-            # cancelled or crashed before finishing: wake anyone still waiting
-            flight.finish(Outcome(502, {}, error=BackendFailure("the backend call was abandoned")))
+        flight.abandon()
 
     def _remove(self, flight: Flight) -> None:
         if self._by_key.get(flight.key) is flight:

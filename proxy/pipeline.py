@@ -276,16 +276,12 @@ class Pipeline:
         outlives the request, so the call runs in the request's own task rather than a flight
         task that hands the answer over. A client that leaves cancels it, as with a flight."""
         flight = Flight(key="", scope=None, vector=None, streaming=False)
-        backend = self._route_backend(str(req.body["model"]))
-        work = self._fly(flight, req, backend, None)
-        if self._energy is not None:
-            work = self._energy.track(backend.name, work)
         try:
-            await work
+            await self._work(flight, req, None)
         except Exception as exc:   # as a flight task that crashed: logged, answered 502
-            log.error("backend call for %s failed: %r", backend.name, exc)
-        if flight.outcome is None:
-            flight.finish(Outcome(502, {}, error=BackendFailure("the backend call was abandoned")))
+            log.error("backend call for %s failed: %r",
+                      self._route_backend(str(req.body["model"])).name, exc)
+        flight.abandon()
         flight.subscribe()
         return await self._follow(req, flight, label)
 
@@ -318,11 +314,13 @@ class Pipeline:
         flight = Flight(key=key, scope=target.plan.scope if target else None,
                         vector=target.vector if target else None, streaming=stream,
                         text=target.plan.text if target else None)
+        return self._flights.start(flight, self._work(flight, req, target), shared=target is not None)
+
+    def _work(self, flight: Flight, req: ApiRequest, target: _Target | None) -> Coroutine[Any, Any, None]:
+        """The backend call that answers ``flight``, measured by the energy meter when there is one."""
         backend = self._route_backend(str(req.body["model"]))
         work = self._fly(flight, req, backend, target)
-        if self._energy is not None:
-            work = self._energy.track(backend.name, work)
-        return self._flights.start(flight, work, shared=target is not None)
+        return work if self._energy is None else self._energy.track(backend.name, work)
 
     async def _follow(self, req: ApiRequest, flight: Flight, label: str) -> Reply:
         """Turn the flight into this request's reply; the caller unsubscribes on failure, the
